@@ -1,0 +1,18 @@
+"""bnmem_kernels: per-sample gradient norms through BatchNorm, and batched LiRA scoring.
+
+Importing this package is cheap: it never compiles, never loads the compiled library and never
+touches a GPU. The compiled kernels load on first use (see `_backend`); `python -m
+bnmem_kernels.info` reports what is available.
+"""
+from ._backend import BACKENDS, BackendUnavailableError, available_backends, select_backend
+from .ops.ghost_norm_linear import ghost_norm_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "ghost_norm_linear",
+    "select_backend",
+]

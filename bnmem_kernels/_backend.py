@@ -1,0 +1,115 @@
+"""The one dispatch point: which implementation of an op runs.
+
+Backends:
+  cuda       compiled CUDA kernels in `bnmem_kernels._C` (CUDA tensors; built with a CUDA torch + nvcc)
+  triton     Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1, for tests)
+  cpu        compiled C++/OpenMP kernels in `bnmem_kernels._C` (CPU tensors)
+  reference  plain PyTorch, the definition (any device)
+
+Choice, first match wins: the call's `backend=` argument, the BNMEM_BACKEND environment variable,
+then "auto": on CUDA tensors cuda > triton > reference, on CPU tensors cpu > reference (the Triton
+interpreter is for testing, never picked automatically). An explicitly requested backend that
+cannot run raises BackendUnavailableError saying why and how to get it; nothing falls back
+silently. Nothing here compiles or touches a GPU at import: the library loads on first use.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+ENV_VAR = "BNMEM_BACKEND"
+
+_BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` from the repository root "
+               "(see README)")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run here; the message says why and what to do."""
+
+
+@functools.lru_cache(maxsize=None)
+def load_library():
+    """Import the compiled extension once. Returns (module or None, reason it failed or "")."""
+    try:
+        return importlib.import_module("bnmem_kernels._C"), ""
+    except ImportError as exc:  # not built, or built against another torch
+        return None, f"the compiled extension bnmem_kernels._C did not load ({exc}); {_BUILD_HINT}"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status():
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return None, f"triton is not installed ({exc}); `pip install triton` (Linux)"
+    return triton.__version__, ""
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 set before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str:
+    """Why `backend` cannot run on `device` ("" when it can)."""
+    device = torch.device(device)
+    if backend == "reference":
+        return ""
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors, got {device}"
+        return load_library()[1]
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got {device}"
+        lib, why = load_library()
+        if lib is None:
+            return why
+        if not lib.built_with_cuda():
+            return ("bnmem_kernels._C was built without CUDA sources; rebuild on a machine with a CUDA "
+                    "torch and nvcc (BNMEM_FORCE_CUDA=1 pip install --no-build-isolation -e .)")
+        return ""
+    if backend == "triton":
+        version, why = _triton_status()
+        if version is None:
+            return why
+        if device.type == "cpu" and not triton_interpreting():
+            return ("triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before "
+                    "importing triton (slow; for tests)")
+        if device.type not in ("cpu", "cuda"):
+            return f"triton kernels need CUDA tensors, got {device}"
+        return ""
+    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'")
+
+
+def available_backends(device) -> list[str]:
+    return [b for b in BACKENDS if not unavailable_reason(b, device)]
+
+
+def select_backend(op: str, device, backend: str | None = None, implemented=BACKENDS) -> str:
+    """The backend that runs `op` on `device`.
+
+    `implemented` lists the backends this op has. An explicit request (argument or BNMEM_BACKEND)
+    that is not implemented or not available raises BackendUnavailableError.
+    """
+    device = torch.device(device)
+    requested = backend if backend is not None else os.environ.get(ENV_VAR) or "auto"
+    source = "backend=" if backend is not None else f"{ENV_VAR}="
+    if requested == "auto":
+        for b in _AUTO_ORDER.get(device.type, ("reference",)):
+            if b in implemented and not unavailable_reason(b, device):
+                return b
+        return "reference"
+    if requested not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {source}{requested!r}; choose one of {BACKENDS} or 'auto'")
+    if requested not in implemented:
+        raise BackendUnavailableError(f"{op} has no {requested!r} implementation; it has {tuple(implemented)}")
+    why = unavailable_reason(requested, device)
+    if why:
+        raise BackendUnavailableError(f"{op}: backend {requested!r} ({source}) is unavailable: {why}")
+    return requested

@@ -1,0 +1,1 @@
+"""Op wrappers: validation at the public boundary, dispatch, torch.library registration."""

@@ -1,0 +1,75 @@
+"""ghost_norm_linear: per-sample squared Frobenius norms of a linear layer's weight gradient."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import _backend
+from .._validate import require_same, require_tensor
+from ..reference import ghost_norm as ref
+
+OP = "ghost_norm_linear"
+_ROUTES = {"auto": 0, "gram": 1, "materialize": 2}
+
+
+def _fake(a, g, route=0):
+    return a.new_empty(a.shape[0], dtype=ref.accumulation_dtype(a.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_op():
+    """torch.ops.bnmem.ghost_norm_linear (C++ CPU / CUDA), with its fake registered. Loads _C."""
+    lib, why = _backend.load_library()
+    if lib is None:
+        raise _backend.BackendUnavailableError(why)
+    torch.library.register_fake("bnmem::ghost_norm_linear")(_fake)
+    return torch.ops.bnmem.ghost_norm_linear.default
+
+
+@torch.library.custom_op("bnmem::ghost_norm_linear_triton", mutates_args=())
+def ghost_norm_linear_triton(a: torch.Tensor, g: torch.Tensor, route: int = 0) -> torch.Tensor:
+    from ..triton.ghost_norm_linear import ghost_norm_linear_triton as kernel
+
+    B, T, din = a.shape
+    gram = ref.use_gram(T, din, g.shape[2]) if route == 0 else route == 1
+    return kernel(a, g, gram)
+
+
+ghost_norm_linear_triton.register_fake(_fake)
+
+
+def _check(a, g, route):
+    require_tensor("a", a)
+    require_tensor("g", g)
+    require_same(("a", "g"), (a, g))
+    if a.dim() == 2 and g.dim() == 2:
+        a, g = a.unsqueeze(1), g.unsqueeze(1)
+    if a.dim() != 3 or g.dim() != 3:
+        raise ValueError(f"a must be [B, T, d_in] and g [B, T, d_out] (or both 2-D for T = 1), "
+                         f"got a {tuple(a.shape)} and g {tuple(g.shape)}")
+    if a.shape[:2] != g.shape[:2]:
+        raise ValueError(f"a and g must share B and T, got a {tuple(a.shape)} and g {tuple(g.shape)}")
+    if route not in _ROUTES:
+        raise ValueError(f"route must be one of {tuple(_ROUTES)}, got {route!r}")
+    return a, g
+
+
+def ghost_norm_linear(a: torch.Tensor, g: torch.Tensor, *, route: str = "auto",
+                      backend: str | None = None) -> torch.Tensor:
+    """Per-sample ||G_i^T A_i||_F^2 of a linear layer: a [B, T, d_in], g [B, T, d_out] -> [B].
+
+    `a` holds each sample's input rows, `g` the gradient at the layer's output (T = 1 for a plain
+    Linear; 2-D inputs are read as T = 1). The value is the squared norm of sample i's weight
+    gradient, computed without forming it when the Gram route is cheaper (route="auto" takes the
+    Gram route <G_i G_i^T, A_i A_i^T> when 2 T^2 < d_in d_out, else materializes G_i^T A_i).
+    fp64 inputs give fp64; fp32, fp16 and bf16 inputs accumulate in and return fp32.
+    `backend`: None (BNMEM_BACKEND or auto), "cuda", "triton", "cpu" or "reference".
+    """
+    a, g = _check(a, g, route)
+    chosen = _backend.select_backend(OP, a.device, backend)
+    if chosen == "reference":
+        return ref.ghost_norm_linear(a, g, route)
+    if chosen == "triton":
+        return ghost_norm_linear_triton(a, g, _ROUTES[route])
+    return compiled_op()(a, g, _ROUTES[route])

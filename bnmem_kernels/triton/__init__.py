@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op. Imported only when the triton backend is chosen."""

@@ -1,0 +1,43 @@
+// Op schemas, declared once. Each device registers its implementations in its own file:
+//   csrc/cpu/<op>_cpu.cpp   TORCH_LIBRARY_IMPL(bnmem, CPU, m)
+//   csrc/cuda/<op>_cuda.cu  TORCH_LIBRARY_IMPL(bnmem, CUDA, m)
+// Python adds register_fake (and register_autograd where an op is differentiable) in
+// bnmem_kernels/ops/<op>.py.
+#include <torch/extension.h>
+
+#include <thread>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+TORCH_LIBRARY(bnmem, m) {
+  // ghost_norm_linear: out[i] = ||G_i^T A_i||_F^2 for a [B, T, d_in], g [B, T, d_out].
+  // route: 0 = auto (Gram when 2 T^2 < d_in d_out), 1 = Gram, 2 = materialize.
+  m.def("ghost_norm_linear(Tensor a, Tensor g, int route=0) -> Tensor");
+  // --- schemas of later ops go below, one block per op, with a one-line definition ---
+}
+
+namespace {
+bool built_with_cuda() {
+#ifdef BNMEM_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+int openmp_max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 0;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "bnmem compiled kernels; the ops live under torch.ops.bnmem";
+  m.def("built_with_cuda", &built_with_cuda, "whether the CUDA sources were compiled in");
+  m.def("openmp_max_threads", &openmp_max_threads, "OpenMP threads (0: built without OpenMP)");
+}
