@@ -1,10 +1,15 @@
-// CUDA helpers that compile against a CPU-only torch too (only torch/extension.h and
-// cuda_runtime.h), so CI can compile-check every .cu file with nvcc. When setup.py builds the
+// CUDA helpers that compile against a CPU-only torch too (cuda_runtime.h plus the light ATen
+// headers below, a subset of torch/extension.h; ATen/cuda and c10/cuda do not compile there), so CI
+// can compile-check every .cu file with nvcc (~18 s a file, versus ~80 s with torch/extension.h). When setup.py builds the
 // CUDA extension against a CUDA torch it defines BNMEM_ATEN_CUDA and the current torch stream
 // is used; the compile-check build falls back to the legacy default stream.
 #pragma once
 #include <cuda_runtime.h>
-#include <torch/extension.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #ifdef BNMEM_ATEN_CUDA
 #include <ATen/cuda/CUDAContext.h>
