@@ -8,13 +8,22 @@ into a [B, P] buffer, summed afterwards (deterministic, no atomics). Strided inp
 """
 import torch
 import triton
+
+from .._backend import triton_interpreting
 import triton.language as tl
 
 
 @triton.jit
 def _mm_nt(x, y, USE_DOT: tl.constexpr):
-    """x [M, K] @ y[N, K]^T in the accumulation dtype."""
-    if USE_DOT:
+    """x [M, K] @ y[N, K]^T in the accumulation dtype.
+
+    USE_DOT: 0 = broadcast-and-reduce in fp64 (fp64 inputs), 1 = tl.dot (fp32 "ieee", fp16, bf16 with
+    fp32 accumulation), 2 = tl.dot after upcasting to fp32 (bf16 in the Triton 3.9 CPU interpreter,
+    whose bf16 tl.dot returns garbage).
+    """
+    if USE_DOT == 2:
+        return tl.dot(x.to(tl.float32), tl.trans(y.to(tl.float32)), input_precision="ieee")
+    if USE_DOT == 1:
         return tl.dot(x, tl.trans(y), input_precision="ieee")
     return tl.sum(x[:, None, :].to(tl.float64) * y[None, :, :].to(tl.float64), axis=2)
 
@@ -79,7 +88,7 @@ def ghost_norm_linear_triton(a: torch.Tensor, g: torch.Tensor, gram: bool) -> to
     dout = g.shape[2]
     fp64 = a.dtype == torch.float64
     acc_dtype = torch.float64 if fp64 else torch.float32
-    use_dot = not fp64  # tl.dot: fp32 (ieee), fp16, bf16; fp64 reduces by broadcast
+    use_dot = 0 if fp64 else 2 if (a.dtype == torch.bfloat16 and triton_interpreting()) else 1
     ACC = tl.float64 if fp64 else tl.float32
     if B == 0:
         return torch.zeros(0, dtype=acc_dtype, device=a.device)

@@ -1,0 +1,77 @@
+"""The dispatch point: selection order, environment override, clear errors, lazy loading."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bnmem_kernels as bk
+from bnmem_kernels import _backend
+
+
+def test_import_is_lazy():
+    code = ("import sys, bnmem_kernels, bnmem; "
+            "bad = [m for m in ('bnmem_kernels._C', 'triton') if m in sys.modules]; "
+            "assert not bad, bad; import torch; assert not torch.cuda.is_initialized()")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(bool(_backend.unavailable_reason("cpu", "cpu")), reason="extension not built")
+def test_auto_picks_cpu_kernel_on_cpu_tensors(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    assert bk.select_backend("op", "cpu") == "cpu"
+    assert bk.select_backend("op", "cpu", implemented=("triton", "reference")) == "reference"
+
+
+def test_env_var_and_argument(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, "reference")
+    assert bk.select_backend("op", "cpu") == "reference"
+    monkeypatch.setenv(_backend.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match="BNMEM_BACKEND"):
+        bk.select_backend("op", "cpu")
+    assert bk.select_backend("op", "cpu", backend="reference") == "reference"  # argument wins
+
+
+def test_unavailable_backends_say_why(monkeypatch):
+    with pytest.raises(bk.BackendUnavailableError, match="CUDA tensors"):
+        bk.select_backend("op", "cpu", backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(bk.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        bk.select_backend("op", "cpu", backend="triton")
+    with pytest.raises(bk.BackendUnavailableError, match="no 'cpu' implementation"):
+        bk.select_backend("op", "cpu", backend="cpu", implemented=("reference",))
+
+
+def test_missing_extension_message(monkeypatch):
+    _backend.load_library.cache_clear()
+    real_import = _backend.importlib.import_module
+
+    def fail(name):
+        if name == "bnmem_kernels._C":
+            raise ImportError("simulated")
+        return real_import(name)
+
+    monkeypatch.setattr(_backend.importlib, "import_module", fail)
+    try:
+        why = _backend.unavailable_reason("cpu", "cpu")
+        assert "did not load" in why and "pip install --no-build-isolation" in why
+        with pytest.raises(bk.BackendUnavailableError, match="did not load"):
+            bk.select_backend("op", "cpu", backend="cpu")
+        monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+        assert bk.select_backend("op", "cpu") == "reference"  # auto: the reference, never an error
+    finally:
+        monkeypatch.undo()
+        _backend.load_library.cache_clear()
+
+
+def test_info_runs():
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-m", "bnmem_kernels.info"], check=True, capture_output=True, text=True,
+                         env=env).stdout
+    assert "ghost_norm_linear" in out and "backends:" in out and torch.__version__ in out
+
+
+def test_cli_info():
+    out = subprocess.run(["bnmem", "info"], check=True, capture_output=True, text=True).stdout
+    assert "bnmem" in out and "ghost_norm_linear" in out
