@@ -6,6 +6,7 @@ bnmem_kernels.info` reports what is available.
 """
 from ._backend import BACKENDS, BackendUnavailableError, available_backends, select_backend
 from .ops.ghost_norm_linear import ghost_norm_linear
+from . import lira, metrics  # noqa: E402  (LiRA/RMIA scoring and ROC metrics; cheap to import)
 
 __version__ = "0.1.0"
 
@@ -14,5 +15,7 @@ __all__ = [
     "BackendUnavailableError",
     "available_backends",
     "ghost_norm_linear",
+    "lira",
+    "metrics",
     "select_backend",
 ]

@@ -1,0 +1,150 @@
+"""lira_scores and rmia_scores: validation, dispatch and torch.library registration."""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from .. import _backend
+from .._validate import require_same, require_tensor
+from ..reference import lira as ref
+
+OP = "lira_scores"
+IMPLEMENTED = ("reference",)
+RMIA_IMPLEMENTED = ("reference",)
+_VARIANCES = ("per_example", "global")
+_CENTERS = ("mean", "median")
+_OFFLINE_STATS = ("one_sided", "logpdf")
+
+
+def out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake(conf, keep, global_std, online, median, logpdf):
+    return conf.new_empty(conf.shape[0], conf.shape[1], dtype=out_dtype(conf.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_op():
+    """torch.ops.bnmem.lira_scores (C++ CPU / CUDA), with its fake registered. Loads _C."""
+    lib, why = _backend.load_library()
+    if lib is None:
+        raise _backend.BackendUnavailableError(why)
+    torch.library.register_fake("bnmem::lira_scores")(_fake)
+    return torch.ops.bnmem.lira_scores.default
+
+
+@torch.library.custom_op("bnmem::lira_scores_triton", mutates_args=())
+def lira_scores_triton(conf: torch.Tensor, keep: torch.Tensor, global_std: torch.Tensor | None,
+                       online: bool, median: bool, logpdf: bool) -> torch.Tensor:
+    from ..triton.lira import lira_scores_triton as kernel
+
+    return kernel(conf, keep, global_std, online, median, logpdf)
+
+
+lira_scores_triton.register_fake(_fake)
+
+
+def describe_nonfinite(x: torch.Tensor, name: str, show: int = 5) -> str:
+    bad = ~torch.isfinite(x)
+    count = int(bad.sum())
+    idx = bad.nonzero()[:show].tolist()
+    return (f"{name} has {count} non-finite value(s) (NaN/Inf) of {x.numel()}, first at indices "
+            f"{[tuple(i) for i in idx]}; drop or fix those models/examples first")
+
+
+def check_scores_inputs(conf, keep, conf_name="conf"):
+    require_tensor(conf_name, conf)
+    if not isinstance(keep, torch.Tensor):
+        raise TypeError(f"keep must be a torch.Tensor of dtype bool, got {type(keep).__name__}")
+    if keep.dtype != torch.bool:
+        raise TypeError(f"keep must be a bool tensor [M, N] (keep[m, n]: example n in model m's "
+                        f"training set), got dtype {keep.dtype}; use keep.bool() if it holds 0/1")
+    require_same((conf_name, "keep"), (conf, keep), dtype=False)
+    if conf.dim() != 3:
+        raise ValueError(f"{conf_name} must be [M, N, A] (models, examples, augmentations), got shape "
+                         f"{tuple(conf.shape)}; add a trailing axis for A = 1")
+    if keep.shape != conf.shape[:2]:
+        raise ValueError(f"keep must be [M, N] = {tuple(conf.shape[:2])} to match {conf_name} "
+                         f"{tuple(conf.shape)}, got {tuple(keep.shape)}")
+    if conf.shape[0] < 2:
+        raise ValueError(f"need M >= 2 models (each target is scored against the others), got M = {conf.shape[0]}")
+    if conf.shape[1] == 0 or conf.shape[2] == 0:
+        raise ValueError(f"{conf_name} has no examples or no augmentations: shape {tuple(conf.shape)}")
+    if not bool(torch.isfinite(conf).all()):
+        raise ValueError(describe_nonfinite(conf, conf_name))
+
+
+def _warn_or_raise_invalid(valid: torch.Tensor, what: str, why: str):
+    n_bad = int((~valid).sum())
+    if n_bad == valid.numel():
+        raise ValueError(f"{what}: no score can be formed ({why}); every example lacks enough models")
+    if n_bad:
+        n_ex = int((~valid).any(0).sum())
+        warnings.warn(f"{what}: {n_bad} of {valid.numel()} scores (in {n_ex} example(s)) are NaN: {why}",
+                      RuntimeWarning, stacklevel=4)
+
+
+def lira_scores(conf, keep, *, online=True, variance="per_example", center="mean",
+                offline_stat="one_sided", backend=None):
+    check_scores_inputs(conf, keep)
+    if variance not in _VARIANCES:
+        raise ValueError(f"variance must be one of {_VARIANCES}, got {variance!r}")
+    if center not in _CENTERS:
+        raise ValueError(f"center must be one of {_CENTERS}, got {center!r}")
+    if offline_stat not in _OFFLINE_STATS:
+        raise ValueError(f"offline_stat must be one of {_OFFLINE_STATS}, got {offline_stat!r}")
+    online = bool(online)
+    chosen = _backend.select_backend(OP, conf.device, backend, IMPLEMENTED)
+    if conf.dtype in (torch.float16, torch.bfloat16):
+        conf = conf.float()  # exact widening; the kernels read fp32 or fp64
+    valid = ref.valid_mask(keep, online, variance)
+    need_in, need_out = ref.needed_counts(online, variance)
+    _warn_or_raise_invalid(valid, "lira_scores",
+                           f"fewer than {need_in} in-model(s) or {need_out} out-model(s) besides the target"
+                           + (f", or fewer than {ref.MIN_POOLED} pooled values for the global std"
+                              if variance == "global" else "")
+                           + f" (online={online}, variance={variance!r})")
+    median, logpdf = center == "median", offline_stat == "logpdf"
+    if chosen == "reference":
+        score = ref.lira_scores_torch(conf, keep, online=online, variance=variance, center=center,
+                                      offline_stat=offline_stat).to(out_dtype(conf.dtype))
+    else:
+        gstd = ref.global_std(conf, keep).to(out_dtype(conf.dtype)) if variance == "global" else None
+        if chosen == "triton":
+            score = lira_scores_triton(conf, keep, gstd, online, median, logpdf)
+        else:
+            score = compiled_op()(conf, keep, gstd, online, median, logpdf)
+    extra = int((valid & ~torch.isfinite(score)).sum())
+    if extra:
+        warnings.warn(f"lira_scores: {extra} score(s) are not finite although enough models were present: "
+                      f"the models' values coincide (zero spread) for those examples", RuntimeWarning,
+                      stacklevel=3)
+    return score
+
+
+def rmia_scores(prob, keep, population=None, *, gamma=1.0, a=0.3, offline=True, backend=None):
+    check_scores_inputs(prob, keep, "prob")
+    if bool(((prob < 0) | (prob > 1)).any()):
+        raise ValueError("prob must hold probabilities in [0, 1] (softmax p_y), got values outside; "
+                         "pass torch.softmax(logits, -1).gather(-1, y) rather than logit confidences")
+    if population is not None:
+        if not isinstance(population, torch.Tensor) or population.dtype != torch.bool:
+            raise TypeError("population must be a bool tensor [N] (which examples serve as z) or None")
+        if population.shape != prob.shape[1:2]:
+            raise ValueError(f"population must be [N] = [{prob.shape[1]}], got {tuple(population.shape)}")
+        population = population.to(prob.device)
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    if not 0 <= a <= 1:
+        raise ValueError(f"a must be in [0, 1], got {a}")
+    _backend.select_backend("rmia_scores", prob.device, backend, RMIA_IMPLEMENTED)
+    k = keep.to(torch.int64)
+    n_in, n_out = k.sum(0) - k, (1 - k).sum(0) - (1 - k)
+    valid = (n_out >= 1) if offline else (n_out >= 1) & (n_in >= 1)
+    _warn_or_raise_invalid(valid, "rmia_scores", "no out-model" + ("" if offline else " or no in-model")
+                           + " besides the target")
+    score = ref.rmia_scores_torch(prob, keep, population, gamma=gamma, a=a, offline=offline)
+    return score.to(out_dtype(prob.dtype))

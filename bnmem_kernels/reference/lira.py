@@ -1,0 +1,275 @@
+"""LiRA / RMIA ground truth (MATH.md, "LiRA and RMIA").
+
+Two implementations of every score:
+  *_loop   the oracle: a per-target, per-example numpy/scipy loop in the style of the public LiRA
+           code (np.mean / np.median / np.std over the other models, scipy.stats.norm). Slow
+           (O(M^2 N A) and Python-level loops); tests and benchmarks compare against it.
+  *_torch  vectorized plain PyTorch in fp64 on the input's device, O(M N A) (leave-one-model-out
+           by subtracting the target's own contribution from centred sums; the median by one sort
+           per (n, a)). This is what backend="reference" runs.
+
+conf [M, N, A]: confidences (logit_confidence) of M models on N examples and A augmentations.
+keep [M, N] bool: example n was in model m's training set. score[t, n] uses model t as the
+target and the OTHER models as shadows: in = {m != t : keep[m, n]}, out = {m != t : not keep[m, n]}.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+# The fewest models a group needs, per estimator: a per-example population std of one value is 0
+# (a degenerate Gaussian), so per-example fits need 2; with a global std one value gives a center.
+MIN_PER_EXAMPLE = 2
+MIN_GLOBAL = 1
+MIN_POOLED = 2  # values pooled over examples for a global std
+
+
+def needed_counts(online: bool, variance: str) -> tuple[int, int]:
+    """(fewest in-models, fewest out-models) the estimator needs for one example."""
+    need = MIN_PER_EXAMPLE if variance == "per_example" else MIN_GLOBAL
+    return (need if online else 0), need
+
+
+def valid_mask(keep: torch.Tensor, online: bool, variance: str) -> torch.Tensor:
+    """[M, N] bool: which scores the estimator can form (enough in/out models without the target)."""
+    k = keep.to(torch.int64)
+    n_in = k.sum(0, keepdim=True) - k  # in-models other than t
+    n_out = (1 - k).sum(0, keepdim=True) - (1 - k)
+    need_in, need_out = needed_counts(online, variance)
+    ok = (n_in >= need_in) & (n_out >= need_out)
+    if variance == "global":
+        pooled_in = n_in.sum(1, keepdim=True)  # sum over n of in-values without model t
+        pooled_out = n_out.sum(1, keepdim=True)
+        ok &= pooled_out >= MIN_POOLED
+        if online:
+            ok &= pooled_in >= MIN_POOLED
+    return ok
+
+
+# ----------------------------------------------------------------------------- the loop oracle
+def _norm_logpdf(x, mu, s):
+    import scipy.stats
+    return scipy.stats.norm.logpdf(x, mu, s)
+
+
+def _norm_logcdf(x, mu, s):
+    import scipy.stats
+    return scipy.stats.norm.logcdf(x, mu, s)
+
+
+def lira_scores_loop(conf, keep, *, online=True, variance="per_example", center="mean",
+                     offline_stat="one_sided"):
+    """The oracle: public-LiRA-style loop over targets and examples, numpy fp64. Returns np [M, N].
+
+    Differences from the public LiRA code (github.com/tensorflow/privacy, lira/score.py), on purpose:
+    every model is a target in turn and is left out of its own fit (the public script scores one
+    target against all shadows); the global ("fixed") variance is one population std per
+    augmentation over the pooled in-values (resp. out-values) of all examples, where the public
+    code takes np.std over everything and, in the offline case, also uses the in-values' std for
+    the out Gaussian; no +1e-30 is added to the std; the sign is flipped so higher = member.
+    Scores the estimator cannot form (too few models) are NaN.
+    """
+    conf = np.asarray(conf, dtype=np.float64)
+    keep = np.asarray(keep, dtype=bool)
+    M, N, A = conf.shape
+    need_in, need_out = needed_counts(online, variance)
+    agg = np.median if center == "median" else np.mean
+    out = np.full((M, N), np.nan)
+    for t in range(M):
+        others = np.arange(M) != t
+        c_o, k_o = conf[others], keep[others]
+        if variance == "global":
+            pin, pout = c_o[k_o], c_o[~k_o]  # [count, A]
+            g_in = np.std(pin, axis=0) if len(pin) >= MIN_POOLED else np.full(A, np.nan)
+            g_out = np.std(pout, axis=0) if len(pout) >= MIN_POOLED else np.full(A, np.nan)
+        for n in range(N):
+            dat_in = c_o[k_o[:, n], n, :]
+            dat_out = c_o[~k_o[:, n], n, :]
+            if len(dat_in) < need_in or len(dat_out) < need_out:
+                continue
+            sc = conf[t, n, :]
+            mu_out = agg(dat_out, axis=0)
+            s_out = np.std(dat_out, axis=0) if variance == "per_example" else g_out
+            if online:
+                mu_in = agg(dat_in, axis=0)
+                s_in = np.std(dat_in, axis=0) if variance == "per_example" else g_in
+                score = _norm_logpdf(sc, mu_in, s_in) - _norm_logpdf(sc, mu_out, s_out)
+            elif offline_stat == "one_sided":
+                score = _norm_logcdf(sc, mu_out, s_out)
+            else:
+                score = -_norm_logpdf(sc, mu_out, s_out)
+            out[t, n] = np.mean(score)
+    return out
+
+
+def rmia_scores_loop(prob, keep, population=None, *, gamma=1.0, a=0.3, offline=True):
+    """RMIA oracle (Zarifzadeh et al. 2024), per target and example in numpy fp64. Returns np [M, N].
+
+    For target t: Pr(x|theta_t) = prob[t, x] (mean over augmentations); Pr(x) from the other
+    models: offline ((1 + a) mean_out(x) + (1 - a)) / 2, online (mean_in(x) + mean_out(x)) / 2.
+    ratio(x) = Pr(x|theta_t) / Pr(x); Z_t = {z in population : not keep[t, z]};
+    score[t, x] = |{z in Z_t : ratio(x) / ratio(z) > gamma}| / |Z_t|.
+    """
+    prob = np.asarray(prob, dtype=np.float64).mean(axis=2)
+    keep = np.asarray(keep, dtype=bool)
+    M, N = prob.shape
+    pop = np.ones(N, bool) if population is None else np.asarray(population, bool)
+    out = np.full((M, N), np.nan)
+    for t in range(M):
+        others = np.arange(M) != t
+        p_o, k_o = prob[others], keep[others]
+        ratio = np.full(N, np.nan)
+        for x in range(N):
+            p_out = p_o[~k_o[:, x], x]
+            p_in = p_o[k_o[:, x], x]
+            if len(p_out) < 1 or (not offline and len(p_in) < 1):
+                continue
+            px = ((1 + a) * p_out.mean() + (1 - a)) / 2 if offline else (p_in.mean() + p_out.mean()) / 2
+            ratio[x] = prob[t, x] / px
+        z = pop & ~keep[t] & ~np.isnan(ratio)
+        if not z.any():
+            continue
+        rz = ratio[z]
+        for x in range(N):
+            if not np.isnan(ratio[x]):
+                out[t, x] = np.mean(ratio[x] / rz > gamma)
+    return out
+
+
+# ------------------------------------------------------------------------- vectorized PyTorch
+def log_ndtr(z: torch.Tensor) -> torch.Tensor:
+    return torch.special.log_ndtr(z)
+
+
+def global_std(conf: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[2, M, A] fp64: for target t, the population std per augmentation of all in-values (row 0)
+    resp. out-values (row 1) of all examples, over the models other than t. NaN where < 2 values."""
+    x = conf.double()
+    res = []
+    for g in (keep, ~keep):
+        w = g[..., None].double()  # [M, N, 1]
+        cnt_m = w.sum(1)  # [M, 1]
+        cnt = cnt_m.sum(0)  # [1]
+        c = (x * w).sum((0, 1)) / cnt.clamp_min(1)  # [A], grand mean (centre first)
+        d = (x - c) * w
+        s_m, q_m = d.sum(1), (d * d).sum(1)  # [M, A]
+        n_t = cnt - cnt_m  # [M, 1]
+        s_t, q_t = s_m.sum(0) - s_m, q_m.sum(0) - q_m
+        var = q_t / n_t - (s_t / n_t) ** 2
+        std = var.clamp_min(0).sqrt()
+        res.append(torch.where(n_t >= MIN_POOLED, std, torch.nan))
+    return torch.stack(res)
+
+
+def _loo_mean_std(x, g):
+    """Leave-one-model-out mean and population std of group g for every target t.
+
+    x [M, N, A] fp64, g [M, N, 1] bool. Returns mean_t, std_t [M, N, A], count_t [M, N, 1]: the
+    group's statistics without model t (the full group's where t is not in it)."""
+    gw = g.double()
+    cnt = gw.sum(0)  # [N, 1]
+    mean = (x * gw).sum(0) / cnt.clamp_min(1)
+    d = (x - mean) * gw  # centred on the group's own mean; 0 outside the group
+    s1, s2 = d.sum(0), (d * d).sum(0)
+    cnt_t = cnt - gw
+    s1_t, s2_t = s1 - d, s2 - d * d
+    m_t = s1_t / cnt_t
+    return mean + m_t, (s2_t / cnt_t - m_t * m_t).clamp_min(0).sqrt(), cnt_t
+
+
+def _loo_median(x, g):
+    """Leave-one-model-out median (numpy's even-count convention) of group g for every target.
+
+    One sort per (n, a); the median without t then needs only the sorted list's middle values:
+    removing a value at or below the middle shifts the upper half down by one."""
+    M = x.shape[0]
+    s = torch.where(g, x, torch.inf).sort(0).values  # group values first, ascending
+    L = g.sum(0, keepdim=True).expand_as(x)  # [1, N, A] -> [M, N, A] group size
+
+    def at(i):
+        return s.gather(0, i.clamp(0, M - 1))
+
+    full = torch.where(L % 2 == 1, at((L - 1) // 2), 0.5 * (at(L // 2 - 1) + at(L // 2)))
+    # without t (t in the group): L' = L - 1
+    h_even = L // 2 - 1  # L even -> L' odd, median = s'[h]
+    loo_odd = torch.where(x <= at(h_even), at(h_even + 1), at(h_even))
+    h = (L - 1) // 2  # L odd -> L' even, median = (s'[h-1] + s'[h]) / 2
+    lo, mid, hi = at(h - 1), at(h), at(h + 1)
+    loo_even = torch.where(x <= lo, 0.5 * (mid + hi), torch.where(x >= hi, 0.5 * (lo + mid), 0.5 * (lo + hi)))
+    loo = torch.where(L % 2 == 0, loo_odd, loo_even)
+    return torch.where(g, loo, full)
+
+
+def _logpdf(c, mu, s):
+    z = (c - mu) / s
+    return -0.5 * z * z - torch.log(s) - LOG_SQRT_2PI
+
+
+def lira_scores_torch(conf, keep, *, online=True, variance="per_example", center="mean",
+                      offline_stat="one_sided"):
+    """Vectorized LiRA scores [M, N] (fp64), same definition as lira_scores_loop; NaN where invalid."""
+    x = conf.double()
+    k = keep[..., None]
+    stats = {}
+    gstd = global_std(conf, keep) if variance == "global" else None
+    for name, g, row in (("in", k, 0), ("out", ~k, 1)):
+        if name == "in" and not online:
+            continue
+        mean, std, _ = _loo_mean_std(x, g)
+        mu = _loo_median(x, g) if center == "median" else mean
+        if gstd is not None:
+            std = gstd[row][:, None, :].expand_as(x)
+        stats[name] = (mu, std)
+    mu_o, s_o = stats["out"]
+    if online:
+        mu_i, s_i = stats["in"]
+        per_a = _logpdf(x, mu_i, s_i) - _logpdf(x, mu_o, s_o)
+    elif offline_stat == "one_sided":
+        per_a = log_ndtr((x - mu_o) / s_o)
+    else:
+        per_a = -_logpdf(x, mu_o, s_o)
+    score = per_a.mean(2)
+    return torch.where(valid_mask(keep, online, variance), score, torch.nan)
+
+
+def rmia_ratio(prob, keep, *, a=0.3, offline=True):
+    """[M, N] fp64: Pr(x | theta_t) / Pr(x), Pr(x) from the models other than t (NaN if too few)."""
+    p = prob.double().mean(2)  # [M, N]
+    kw = keep.double()
+    sum_in, cnt_in = (p * kw).sum(0) - p * kw, kw.sum(0) - kw
+    sum_out, cnt_out = (p * (1 - kw)).sum(0) - p * (1 - kw), (1 - kw).sum(0) - (1 - kw)
+    mean_out = sum_out / cnt_out
+    if offline:
+        px = ((1 + a) * mean_out + (1 - a)) / 2
+        ok = cnt_out >= 1
+    else:
+        px = (sum_in / cnt_in + mean_out) / 2
+        ok = (cnt_out >= 1) & (cnt_in >= 1)
+    return torch.where(ok, p / px, torch.nan)
+
+
+def rmia_scores_torch(prob, keep, population=None, *, gamma=1.0, a=0.3, offline=True):
+    """Vectorized RMIA [M, N] (fp64): one sort of the population ratios per target + searchsorted."""
+    ratio = rmia_ratio(prob, keep, a=a, offline=offline)
+    M, N = ratio.shape
+    pop = torch.ones(N, dtype=torch.bool, device=ratio.device) if population is None else population
+    z = pop[None, :] & ~keep & ~ratio.isnan()
+    nz = z.sum(1, keepdim=True)
+    rz = torch.where(z, ratio, torch.inf).sort(1).values
+    # ratio(x) / ratio(z) > gamma  <=>  ratio(z) < ratio(x) / gamma   (ratios > 0)
+    q = (ratio / gamma).contiguous()
+    below = torch.searchsorted(rz, torch.where(ratio.isnan(), 0.0, q), side="left")
+    score = below.double() / nz
+    return torch.where(ratio.isnan() | (nz == 0), torch.nan, score)
+
+
+def logit_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """c = z_y - logsumexp_{k != y} z_k, in fp64 (fp32 inputs) from the definition."""
+    z = logits.double()
+    zy = z.gather(-1, labels[..., None].long()).squeeze(-1)
+    others = z.scatter(-1, labels[..., None].long(), -torch.inf)
+    return zy - torch.logsumexp(others, dim=-1)
