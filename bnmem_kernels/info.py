@@ -12,6 +12,7 @@ from . import _backend
 # op name -> backends it implements; one row per public op.
 OPS = {
     "ghost_norm_linear": _backend.BACKENDS,
+    "bn_seeded_backward": _backend.BACKENDS,
 }
 
 
