@@ -1,25 +1,114 @@
-"""The `bnmem` command."""
+"""The `bnmem` command: run the three studies (memorization, gradient-norm influence, membership
+inference) on models differing only in their normalization layer, and report them."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from . import __version__
+from .errors import BnmemError
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="bnmem", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"bnmem {__version__}")
-    sub = parser.add_subparsers(dest="command")
+def _csv(s):
+    return [t.strip() for t in s.split(",") if t.strip()]
+
+
+def _canary_counts(s):
+    """'mislabeled=50,noise=20' or a single integer for every kind."""
+    from .config import CANARY_KINDS
+    try:
+        if "=" not in s:
+            return {k: int(s) for k in CANARY_KINDS}
+        out = {}
+        for part in _csv(s):
+            k, v = part.split("=")
+            out[k.strip()] = int(v)
+        return out
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--canaries wants N or kind=N,... (kinds {', '.join(CANARY_KINDS)}), got {s!r}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="bnmem", description=__doc__)
+    p.add_argument("--version", action="version", version=f"bnmem {__version__}")
+    sub = p.add_subparsers(dest="command")
     sub.add_parser("info", help="versions and available kernel backends")
-    args = parser.parse_args(argv)
+    r = sub.add_parser("run", help="run (or resume) the experiment suite into --out DIR",
+                       description="Stages data -> train -> probe -> score -> report, resumable.")
+    r.add_argument("--out", default="bnmem-run", help="run folder (default: ./bnmem-run)")
+    r.add_argument("--config", help="TOML file with config keys (top level or a [bnmem] table)")
+    r.add_argument("--quick", action="store_true", help="< 1 minute smoke run (small pool, 4 models, 3 variants)")
+    r.add_argument("--dataset", help="mnist (default, embedded) | digits | cifar10 (needs --data-dir)")
+    r.add_argument("--data-dir", dest="data_dir", help="CIFAR-10 python batches folder")
+    r.add_argument("--variants", type=_csv, help="comma list of bn,gn,ln,none,bn-frozen")
+    r.add_argument("--arch", help="cnn | mlp")
+    r.add_argument("--models", type=int, help="shadow models per variant (even, >= 4)")
+    r.add_argument("--epochs", type=int)
+    r.add_argument("--n-in", dest="n_in", type=int, help="in-distribution candidates")
+    r.add_argument("--n-test", dest="n_test", type=int)
+    r.add_argument("--canaries", type=_canary_counts, help="N per kind, or kind=N,... "
+                   "(mislabeled, other_domain, noise, near_ood)")
+    r.add_argument("--image-size", dest="image_size", type=int, help="resize side (0 = native)")
+    r.add_argument("--width", type=int)
+    r.add_argument("--batch-size", dest="batch_size", type=int)
+    r.add_argument("--lr", type=float)
+    r.add_argument("--attacks", type=_csv, help="auto or a comma list of lira_online, lira_online_global, "
+                   "lira_offline, lira_offline_global, rmia")
+    r.add_argument("--bootstrap", type=int, help="bootstrap resamples for confidence intervals")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--workers", type=int, help="training processes (default: all cores)")
+    r.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
+    rep = sub.add_parser("report", help="re-render the report of a run folder")
+    rep.add_argument("dir")
+    return p
+
+
+OVERRIDE_KEYS = ("dataset", "data_dir", "variants", "arch", "models", "epochs", "n_in", "n_test", "canaries",
+                 "image_size", "width", "batch_size", "lr", "attacks", "bootstrap", "seed", "workers", "progress")
+
+
+def _main(argv) -> int:
+    args = build_parser().parse_args(argv)
     if args.command in (None, "info"):
         from bnmem_kernels import info
 
         print(f"bnmem {__version__}")
         info.main()
         return 0
+    if args.command == "run":
+        import time
+
+        from .config import build_config
+        from .pipeline import run
+        cfg = build_config(quick=args.quick, toml_path=args.config,
+                           overrides={k: getattr(args, k) for k in OVERRIDE_KEYS})
+        t0 = time.perf_counter()
+        rf = run(cfg, args.out)
+        print(f"bnmem run finished in {time.perf_counter() - t0:.1f} s: {rf.path('report.md')}")
+        return 0
+    if args.command == "report":
+        from . import report
+        from .runfolder import RunFolder
+        rf = RunFolder(args.dir)
+        man = rf.manifest()
+        if "score" not in man.get("stages", {}):
+            raise BnmemError(f"{rf.root} has no scores yet (stages done: {', '.join(man.get('stages', {})) or 'none'}); "
+                             "finish it with `bnmem run --out DIR` and the same config")
+        report.render(rf.root)
+        print(rf.path("report.md"))
+        return 0
     return 0
+
+
+def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except BnmemError as exc:
+        print(f"bnmem: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bnmem: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,188 @@
+"""The run configuration: defaults, `--quick` preset, TOML file, CLI flags (later ones win).
+
+Every field that changes a number in the results is part of the config hash recorded in the run
+folder's manifest; `workers` and `progress` only change how fast/noisy a run is, so they are not.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+from .errors import BnmemError
+
+DATASETS = ("mnist", "digits", "cifar10")
+VARIANTS = ("bn", "gn", "ln", "none", "bn-frozen")
+ARCHS = ("cnn", "mlp")
+CANARY_KINDS = ("mislabeled", "other_domain", "noise", "near_ood")
+# attack name -> minimum number of shadow models it needs (leave-one-model-out leaves M-1 models,
+# about half of them IN and half OUT for each example).
+ATTACKS = {
+    "lira_online": 8,          # per-example in/out means and std: >= 3 in and 3 out per example
+    "lira_online_global": 4,
+    "lira_offline": 8,
+    "lira_offline_global": 4,
+    "rmia": 4,
+}
+PRIMARY_ATTACK_ORDER = ("lira_online", "lira_online_global")
+NOT_HASHED = ("workers", "progress", "data_dir")
+
+
+@dataclass
+class Config:
+    dataset: str = "mnist"
+    data_dir: str | None = None          # cifar10 only: folder holding data_batch_1..5, test_batch
+    image_size: int = 14                 # images resized (area) to this side; 0 keeps the native size
+    n_in: int = 2000                     # in-distribution candidates
+    n_test: int = 1000                   # held-out test examples (accuracy)
+    canaries: dict = field(default_factory=lambda: {k: 50 for k in CANARY_KINDS})
+    arch: str = "cnn"
+    width: int = 16                      # channels of the first conv (second: 2x) / MLP hidden units / 4
+    variants: list = field(default_factory=lambda: list(VARIANTS))
+    models: int = 16                     # shadow models per variant (even; each candidate IN for half)
+    epochs: int = 24
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    frozen_warmup_epochs: int = 3        # bn-frozen: BN uses batch stats this long, then running stats
+    exact_models: int = 2                # models per variant that also log exact/column/detached/eval
+    exact_points: int = 6                # ... at this many steps of training (log-spaced)
+    probe_batch: int = 64                # ... on a fixed batch of this many of its training examples
+    shifts: int = 1                      # query augmentations: identity and +-shifts px (A = 1 + 4 if >0)
+    attacks: list = field(default_factory=lambda: ["auto"])
+    bootstrap: int = 200
+    seed: int = 0
+    workers: int = 0                     # 0 = all cores
+    progress: bool = True
+
+    # ------------------------------------------------------------------
+    def validate(self) -> "Config":
+        if self.dataset not in DATASETS:
+            raise BnmemError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.dataset == "cifar10":
+            if not self.data_dir:
+                raise BnmemError("--dataset cifar10 needs --data-dir PATH: a local folder holding the python "
+                                 "pickle batches (data_batch_1..5, test_batch); bnmem never downloads")
+            if not os.path.isdir(self.data_dir):
+                raise BnmemError(f"--data-dir {self.data_dir!r} is not a folder; point it at the extracted "
+                                 "cifar-10-batches-py folder")
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad or not self.variants:
+            raise BnmemError(f"unknown variant(s) {', '.join(bad) or '(none given)'}; choose from "
+                             f"{', '.join(VARIANTS)}")
+        if len(set(self.variants)) != len(self.variants):
+            raise BnmemError("--variants lists a variant twice")
+        if self.arch not in ARCHS:
+            raise BnmemError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        unknown = set(self.canaries) - set(CANARY_KINDS)
+        if unknown:
+            raise BnmemError(f"unknown canary kind(s) {', '.join(sorted(unknown))}; kinds are "
+                             f"{', '.join(CANARY_KINDS)}")
+        for k, v in self.canaries.items():
+            if not isinstance(v, int) or v < 0:
+                raise BnmemError(f"canary count for {k} must be a non-negative integer, got {v!r}")
+        self.canaries = {k: int(self.canaries.get(k, 0)) for k in CANARY_KINDS}
+        if self.models < 4:
+            raise BnmemError(f"--models {self.models} is too few: memorization and LiRA need at least 4 "
+                             "shadow models per variant (each candidate IN for half, one left out as target); "
+                             "use --models 4 or more (16+ for per-example-variance LiRA)")
+        if self.models % 2:
+            raise BnmemError(f"--models {self.models} must be even (each candidate is IN for exactly half)")
+        for a in self.attacks:
+            if a != "auto" and a not in ATTACKS:
+                raise BnmemError(f"unknown attack {a!r}; choose from auto, {', '.join(ATTACKS)}")
+            if a in ATTACKS and self.models < ATTACKS[a]:
+                raise BnmemError(f"attack {a} needs at least {ATTACKS[a]} shadow models, got --models "
+                                 f"{self.models}; raise --models or drop {a}")
+        for name in ("n_in", "n_test", "epochs", "batch_size", "width", "probe_batch", "exact_points"):
+            if getattr(self, name) < 1:
+                raise BnmemError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.n_in < 20:
+            raise BnmemError(f"--n-in {self.n_in} is too small; use at least 20 in-distribution candidates")
+        if not 0 <= self.exact_models <= self.models:
+            raise BnmemError(f"exact_models must be in [0, models], got {self.exact_models}")
+        if self.image_size < 0 or self.image_size == 1:
+            raise BnmemError(f"--image-size must be 0 (native) or >= 2, got {self.image_size}")
+        if self.bootstrap < 0:
+            raise BnmemError("bootstrap must be >= 0")
+        if self.shifts < 0:
+            raise BnmemError("shifts must be >= 0")
+        return self
+
+    def attack_list(self) -> list:
+        if "auto" in self.attacks:
+            return [a for a, need in ATTACKS.items() if self.models >= need]
+        return list(self.attacks)
+
+    def hashed_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in NOT_HASHED:
+            d.pop(k)
+        return d
+
+    def hash(self) -> str:
+        blob = json.dumps(self.hashed_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+QUICK = dict(n_in=200, n_test=200, canaries={k: 10 for k in CANARY_KINDS}, models=4, epochs=4,
+             variants=["bn", "gn", "none"], exact_models=1, exact_points=2, probe_batch=16,
+             width=8, bootstrap=50, batch_size=32)
+
+
+def field_names():
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise BnmemError(f"config file {path!r} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BnmemError(f"config file {path!r} is not valid TOML: {exc}") from None
+    data = data.get("bnmem", data)  # allow a [bnmem] table or top-level keys
+    unknown = set(data) - set(field_names())
+    if unknown:
+        raise BnmemError(f"config file {path!r}: unknown key(s) {', '.join(sorted(unknown))}; known keys: "
+                         f"{', '.join(field_names())}")
+    return data
+
+
+def build_config(*, quick=False, toml_path=None, overrides=None) -> Config:
+    """defaults <- quick preset <- TOML file <- CLI overrides (None values ignored)."""
+    values = {}
+    if quick:
+        values.update(QUICK)
+    if toml_path:
+        values.update(load_toml(toml_path))
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            values[k] = v
+    cfg = Config()
+    defaults = dataclasses.asdict(cfg)
+    for k, v in values.items():
+        if k == "canaries" and isinstance(v, dict):
+            merged = dict(defaults["canaries"])
+            merged.update(v)
+            v = merged
+        expected = type(defaults[k]) if defaults[k] is not None else (str, type(None))
+        if k in ("lr", "momentum", "weight_decay") and isinstance(v, int):
+            v = float(v)
+        if not isinstance(v, expected) or (expected is int and isinstance(v, bool)):
+            raise BnmemError(f"config key {k!r} must be {getattr(expected, '__name__', 'a string')}, got {v!r}")
+        setattr(cfg, k, v)
+    return cfg.validate()
+
+
+def from_dict(d: dict) -> Config:
+    cfg = Config()
+    for k, v in d.items():
+        if k in field_names():
+            setattr(cfg, k, v)
+    return cfg

@@ -1,0 +1,151 @@
+"""Train stage: M shadow models per variant on their keep-mask halves of the candidate pool, on a
+local pool of processes (one torch thread each, all cores), resumable model by model.
+
+Each model writes `models/<variant>/m<k>.npz` (training trace: per-candidate gradient norm per
+epoch from the step probe, loss/accuracy per epoch, the scheduled exact/column/detached/eval norms)
+and then `models/<variant>/m<k>.pt` (state_dict). A model counts as finished when both exist;
+both are written atomically, so a killed run loses at most the models in flight.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import gradnorms
+from .config import Config, from_dict
+from .models import build_model, freeze_batchnorm, has_batchnorm
+from .runfolder import read_npz, save_state_dict, write_npz
+
+
+def model_paths(root, variant, m):
+    base = os.path.join(root, "models", variant, f"m{m:03d}")
+    return base + ".pt", base + ".npz"
+
+
+def is_done(root, variant, m) -> bool:
+    return all(os.path.exists(p) for p in model_paths(root, variant, m))
+
+
+def seeds_for(cfg: Config, m: int):
+    """Model m of every variant shares its init and batch order (paired comparison)."""
+    ss = np.random.SeedSequence([cfg.seed, 7, m])
+    torch_seed, order_seed = ss.generate_state(2)
+    return int(torch_seed), int(order_seed)
+
+
+def _schedule(total_steps: int, points: int) -> list:
+    s = np.unique(np.round(np.geomspace(1, total_steps, points)).astype(int))
+    return [int(v) for v in s]
+
+
+def _probe_batch(train_idx, group, size, rng):
+    """Fixed batch for the exact schedule: about half OOD canaries (spread over kinds), rest in-dist."""
+    ood = [train_idx[group[train_idx] == g] for g in np.unique(group[train_idx]) if g != 0]
+    chosen = []
+    per_kind = max(1, (size // 2) // max(1, len(ood))) if ood else 0
+    for arr in ood:
+        chosen.extend(rng.permutation(arr)[:per_kind].tolist())
+    ind = train_idx[group[train_idx] == 0]
+    chosen.extend(rng.permutation(ind)[:size - len(chosen)].tolist())
+    return np.array(chosen[:size], dtype=np.int64)
+
+
+def train_one(root: str, cfg_dict: dict, variant: str, m: int) -> dict:
+    """Train model m of `variant`; write its trace and checkpoint. Deterministic in (seed, m)."""
+    torch.set_num_threads(1)
+    cfg = from_dict(cfg_dict)
+    t0 = time.perf_counter()
+    d = read_npz(os.path.join(root, "data.npz"))
+    x_all, y_all, group = torch.from_numpy(d["x"]), torch.from_numpy(d["y"]), d["group"]
+    keep = d["keep"][m]
+    train_idx = np.flatnonzero(keep)
+    N = len(y_all)
+    n_classes = int(max(y_all.max().item(), d["y_test"].max()) + 1)
+    torch_seed, order_seed = seeds_for(cfg, m)
+    torch.manual_seed(torch_seed)
+    model = build_model(cfg.arch, variant, x_all.shape[1:], n_classes, cfg.width)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(order_seed)
+    steps_per_epoch = int(np.ceil(len(train_idx) / cfg.batch_size))
+    total = steps_per_epoch * cfg.epochs
+    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
+    bn = has_batchnorm(model)
+    log_exact = m < cfg.exact_models
+    sched_steps = _schedule(total, cfg.exact_points) if log_exact else []
+    probe_idx = _probe_batch(train_idx, group, min(cfg.probe_batch, len(train_idx)), rng) if log_exact else np.zeros(0, np.int64)
+    sched_norms = np.full((len(sched_steps), len(gradnorms.MODES), len(probe_idx)), np.nan, np.float32)
+    sched_sources = []
+
+    epoch_norms = np.full((cfg.epochs, N), np.nan, np.float32)
+    loss_hist, acc_hist = np.zeros(cfg.epochs, np.float32), np.zeros(cfg.epochs, np.float32)
+    step = 0
+    probe_mode = "column"
+    stepper = None
+    for epoch in range(cfg.epochs):
+        model.train()
+        if variant == "bn-frozen" and epoch >= cfg.frozen_warmup_epochs:
+            freeze_batchnorm(model)
+            probe_mode = "eval"
+        if stepper is None or stepper.mode != probe_mode:
+            stepper = gradnorms.StepProbe(model, probe_mode)
+        order = rng.permutation(train_idx)
+        tot_loss = tot_correct = 0.0
+        for b in range(steps_per_epoch):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            if bn and len(idx) == 1:  # BN cannot train on a batch of one; fold it into the previous step
+                continue
+            xb, yb = x_all[idx], y_all[idx]
+            opt.zero_grad(set_to_none=True)
+            with stepper.step(xb, yb, float(len(idx))):
+                out = model(xb)
+                losses = F.cross_entropy(out, yb, reduction="none")
+                losses.mean().backward()
+            epoch_norms[epoch, idx] = stepper.norms.float().numpy()
+            opt.step()
+            lr_sched.step()
+            step += 1
+            tot_loss += losses.sum().item()
+            tot_correct += (out.argmax(1) == yb).sum().item()
+            if step in sched_steps:
+                k = sched_steps.index(step)
+                xp, yp = x_all[probe_idx], y_all[probe_idx]
+                for j, mode in enumerate(gradnorms.MODES):  # all four also without BN (equal there: a check)
+                    nrm, src = gradnorms.per_sample_grad_norms(model, xp, yp, mode)
+                    sched_norms[k, j] = nrm.float().numpy()
+                    sched_sources.append(f"{mode}:{src}")
+        loss_hist[epoch] = tot_loss / len(train_idx)
+        acc_hist[epoch] = tot_correct / len(train_idx)
+
+    model.eval()
+    with torch.no_grad():
+        test_acc = (model(torch.from_numpy(d["x_test"])).argmax(1).numpy() == d["y_test"]).mean()
+    pt, npz = model_paths(root, variant, m)
+    write_npz(npz, epoch_norms=epoch_norms, train_loss=loss_hist, train_acc=acc_hist,
+              test_acc=np.float32(test_acc), sched_steps=np.array(sched_steps, np.int64),
+              probe_idx=probe_idx, sched_norms=sched_norms,
+              sched_sources=np.array(sorted(set(sched_sources)), dtype="U64"),
+              step_probe_source=np.array(stepper.source), steps=np.int64(step),
+              seconds=np.float64(time.perf_counter() - t0))
+    save_state_dict(pt, model.state_dict())
+    return dict(variant=variant, m=m, test_acc=float(test_acc), train_acc=float(acc_hist[-1]),
+                seconds=time.perf_counter() - t0)
+
+
+def run_stage(root: str, cfg: Config, progress=True, log=print, pool=None) -> list:
+    from .executor import n_workers, parallel_map
+
+    tasks = [(v, m) for m in range(cfg.models) for v in cfg.variants if not is_done(root, v, m)]
+    n_all = cfg.models * len(cfg.variants)
+    if not tasks:
+        return []
+    workers = n_workers(cfg.workers, len(tasks))
+    log(f"train: {len(tasks)} of {n_all} models to train ({n_all - len(tasks)} already done), "
+        f"{workers} worker process(es)")
+    cfg_dict = {**cfg.hashed_dict(), "data_dir": cfg.data_dir}
+    return list(parallel_map(train_one, [(root, cfg_dict, v, m) for v, m in tasks], workers=workers,
+                             desc="train", progress=progress, pool=pool,
+                             postfix=lambda r: f"{r['variant']} m{r['m']} test acc {r['test_acc']:.2f}"))
