@@ -19,6 +19,14 @@ TORCH_LIBRARY(bnmem, m) {
   // bn_seeded_backward: BN input gradient of single-sample losses (MATH.md "BN's coupling, exactly").
   // xhat [B, C, T], scale [C] = gamma/sigma, dy [S, C, T] on sample seeds[s] -> (dz [S, B, C, T], a [S, C], b [S, C]).
   m.def("bn_seeded_backward(Tensor xhat, Tensor scale, Tensor dy, Tensor seeds) -> (Tensor, Tensor, Tensor)");
+  // logit_confidence: logits [R, K], labels [R] int64 -> c [R] = z_y - logsumexp_{k != y} z_k (MATH.md LiRA).
+  m.def("logit_confidence(Tensor logits, Tensor labels) -> Tensor");
+  // lira_scores: conf [M, N, A], keep [M, N] bool, global_std [2, M, A] or None -> score [M, N],
+  // leave-one-model-out LiRA (online / offline one-sided or logpdf; mean or median center).
+  m.def("lira_scores(Tensor conf, Tensor keep, Tensor? global_std, bool online, bool median, bool logpdf) -> Tensor");
+  // norm_affine_grad_sq: per-sample (||dgamma_i||^2, ||dbeta_i||^2) of a normalization layer, x, dy,
+  // mean, rstd all [B, C, S] (stats expanded): dgamma_i[c] = sum_s dy (x - mean) rstd, dbeta_i[c] = sum_s dy.
+  m.def("norm_affine_grad_sq(Tensor x, Tensor dy, Tensor mean, Tensor rstd) -> Tensor");
 }
 
 namespace {

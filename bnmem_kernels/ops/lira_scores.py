@@ -11,7 +11,7 @@ from .._validate import require_same, require_tensor
 from ..reference import lira as ref
 
 OP = "lira_scores"
-IMPLEMENTED = ("reference",)
+IMPLEMENTED = ("cuda", "triton", "cpu", "reference")
 RMIA_IMPLEMENTED = ("reference",)
 _VARIANCES = ("per_example", "global")
 _CENTERS = ("mean", "median")

@@ -9,7 +9,7 @@ from .. import _backend
 from .._validate import require_tensor
 
 OP = "logit_confidence"
-IMPLEMENTED = ("reference",)
+IMPLEMENTED = ("cuda", "triton", "cpu", "reference")
 
 
 def out_dtype(dtype: torch.dtype) -> torch.dtype:

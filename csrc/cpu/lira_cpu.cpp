@@ -1,0 +1,222 @@
+// LiRA scoring on CPU (at::parallel_for / OpenMP): logit_confidence and lira_scores.
+//
+// lira_scores streams over examples n: per (n, a) one pass for the in/out group means, one for the
+// centred sums S1 = sum d, S2 = sum d^2 (d = x - group mean), and for center=median one sort of
+// each group. Target t's own contribution is then subtracted in O(1) (mean/std) or read off the
+// sorted list's middle values (median), fused with the Gaussian log-likelihoods and the mean
+// over augmentations. Everything is computed in fp64 (fp32 inputs are widened), O(M N A) work
+// (plus O(M log M) per (n, a) for the median), O(M A) scratch per thread.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../include/bnmem_common.h"
+
+namespace bnmem {
+namespace {
+
+constexpr double kLogSqrt2Pi = 0.91893853320467274178;  // 0.5 log(2 pi)
+
+// log Phi(z): erfc in the body, a 40-term continued fraction of the Mills ratio in the tails
+// (accurate to ~1e-15 relative for |z| > 3), log1p for the upper tail.
+inline double log_ndtr_tail(double z) {  // z < -3
+  const double x = -z;
+  double r = x;
+  for (int k = 40; k >= 1; --k) r = x + k / r;
+  return -0.5 * x * x - kLogSqrt2Pi - std::log(r);
+}
+inline double log_ndtr(double z) {
+  if (z < -3.0) return log_ndtr_tail(z);
+  if (z > 3.0) return std::log1p(-std::exp(log_ndtr_tail(-z)));
+  return std::log(0.5 * std::erfc(-z * 0.70710678118654752440));
+}
+
+inline double norm_logpdf(double c, double mu, double s) {
+  const double z = (c - mu) / s;
+  return -0.5 * z * z - std::log(s) - kLogSqrt2Pi;
+}
+
+// Median (numpy convention) of the sorted values s[0..L) without one copy of x (x in the list).
+inline double loo_median(const double* s, int64_t L, double x) {
+  if (L % 2 == 0) {  // L - 1 odd: the middle of the remaining L - 1
+    const int64_t h = L / 2 - 1;
+    return x <= s[h] ? s[h + 1] : s[h];
+  }
+  const int64_t h = (L - 1) / 2;  // L - 1 even: mean of the two middle ones
+  const double lo = s[h - 1], mid = s[h], hi = s[h + 1];
+  if (x <= lo) return 0.5 * (mid + hi);
+  if (x >= hi) return 0.5 * (lo + mid);
+  return 0.5 * (lo + hi);
+}
+inline double full_median(const double* s, int64_t L) {
+  return L % 2 == 1 ? s[(L - 1) / 2] : 0.5 * (s[L / 2 - 1] + s[L / 2]);
+}
+
+struct Group {
+  int64_t cnt = 0;
+  double mean = 0, s1 = 0, s2 = 0;
+  // mean and population variance over the group, without d_t (= x_t - mean) when `drop`.
+  inline void stats(bool drop, double d_t, double& mu, double& var) const {
+    const double n = static_cast<double>(cnt - (drop ? 1 : 0));
+    const double m = (s1 - (drop ? d_t : 0.0)) / n;
+    mu = mean + m;
+    var = (s2 - (drop ? d_t * d_t : 0.0)) / n - m * m;
+    if (var < 0) var = 0;
+  }
+};
+
+template <typename scalar_t>
+void lira_scores_kernel(const scalar_t* conf, const bool* keep, const double* gstd, scalar_t* out,
+                        int64_t M, int64_t N, int64_t A, bool online, bool median, bool logpdf) {
+  const int64_t need = gstd ? 1 : 2;
+  const int64_t need_in = online ? need : 0, need_out = need;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<double> x(M * A), acc(M), sin(M), sout(M);
+    std::vector<char> k(M);
+    for (int64_t n = begin; n < end; ++n) {
+      int64_t n_in = 0;
+      for (int64_t m = 0; m < M; ++m) {
+        k[m] = keep[m * N + n];
+        n_in += k[m];
+        const scalar_t* row = conf + (m * N + n) * A;
+        for (int64_t a = 0; a < A; ++a) x[m * A + a] = static_cast<double>(row[a]);
+        acc[m] = 0;
+      }
+      const int64_t n_out = M - n_in;
+      for (int64_t a = 0; a < A; ++a) {
+        Group gi, go;
+        gi.cnt = n_in;
+        go.cnt = n_out;
+        for (int64_t m = 0; m < M; ++m) (k[m] ? gi.mean : go.mean) += x[m * A + a];
+        if (n_in) gi.mean /= n_in;
+        if (n_out) go.mean /= n_out;
+        int64_t li = 0, lo = 0;
+        for (int64_t m = 0; m < M; ++m) {
+          const double v = x[m * A + a];
+          Group& g = k[m] ? gi : go;
+          const double d = v - g.mean;
+          g.s1 += d;
+          g.s2 += d * d;
+          if (median) (k[m] ? sin[li++] : sout[lo++]) = v;
+        }
+        if (median) {
+          std::sort(sin.begin(), sin.begin() + li);
+          std::sort(sout.begin(), sout.begin() + lo);
+        }
+        for (int64_t t = 0; t < M; ++t) {
+          const bool t_in = k[t];
+          const int64_t ci = n_in - (t_in ? 1 : 0), co = n_out - (t_in ? 0 : 1);
+          if (ci < need_in || co < need_out) continue;  // NaN below
+          const double c = x[t * A + a];
+          double mu_o, var_o;
+          go.stats(!t_in, c - go.mean, mu_o, var_o);
+          if (median) mu_o = t_in ? full_median(sout.data(), lo) : loo_median(sout.data(), lo, c);
+          const double s_o = gstd ? gstd[(1 * M + t) * A + a] : std::sqrt(var_o);
+          double v;
+          if (online) {
+            double mu_i, var_i;
+            gi.stats(t_in, c - gi.mean, mu_i, var_i);
+            if (median) mu_i = t_in ? loo_median(sin.data(), li, c) : full_median(sin.data(), li);
+            const double s_i = gstd ? gstd[t * A + a] : std::sqrt(var_i);
+            v = norm_logpdf(c, mu_i, s_i) - norm_logpdf(c, mu_o, s_o);
+          } else if (logpdf) {
+            v = -norm_logpdf(c, mu_o, s_o);
+          } else {
+            v = log_ndtr((c - mu_o) / s_o);
+          }
+          acc[t] += v;
+        }
+      }
+      for (int64_t t = 0; t < M; ++t) {
+        const int64_t ci = n_in - (k[t] ? 1 : 0), co = n_out - (k[t] ? 0 : 1);
+        const bool ok = ci >= need_in && co >= need_out;
+        out[t * N + n] = static_cast<scalar_t>(ok ? acc[t] / static_cast<double>(A) : nan);
+      }
+    }
+  });
+}
+
+at::Tensor lira_scores_cpu(const at::Tensor& conf_in, const at::Tensor& keep_in,
+                           const std::optional<at::Tensor>& global_std, bool online, bool median, bool logpdf) {
+  TORCH_CHECK(conf_in.dim() == 3, "bnmem::lira_scores: conf must be [M, N, A], got ", conf_in.sizes());
+  TORCH_CHECK(keep_in.dim() == 2 && keep_in.size(0) == conf_in.size(0) && keep_in.size(1) == conf_in.size(1),
+              "bnmem::lira_scores: keep must be [M, N] matching conf, got ", keep_in.sizes());
+  TORCH_CHECK(keep_in.scalar_type() == at::kBool, "bnmem::lira_scores: keep must be bool");
+  TORCH_CHECK(conf_in.scalar_type() == at::kFloat || conf_in.scalar_type() == at::kDouble,
+              "bnmem::lira_scores: conf must be fp32 or fp64, got ", conf_in.scalar_type());
+  const at::Tensor conf = conf_in.contiguous();
+  const at::Tensor keep = keep_in.contiguous();
+  const int64_t M = conf.size(0), N = conf.size(1), A = conf.size(2);
+  at::Tensor gstd;
+  if (global_std.has_value()) {
+    TORCH_CHECK(global_std->dim() == 3 && global_std->size(0) == 2 && global_std->size(1) == M &&
+                    global_std->size(2) == A,
+                "bnmem::lira_scores: global_std must be [2, M, A], got ", global_std->sizes());
+    gstd = global_std->to(at::kDouble).contiguous();
+  }
+  at::Tensor out = at::empty({M, N}, conf.options());
+  AT_DISPATCH_FLOATING_TYPES(conf.scalar_type(), "lira_scores_cpu", [&] {
+    lira_scores_kernel<scalar_t>(conf.const_data_ptr<scalar_t>(), keep.const_data_ptr<bool>(),
+                                 gstd.defined() ? gstd.const_data_ptr<double>() : nullptr,
+                                 out.data_ptr<scalar_t>(), M, N, A, online, median, logpdf);
+  });
+  return out;
+}
+
+// c = z_y - logsumexp_{k != y} z_k: one pass with a running max and a rescaled sum.
+template <typename scalar_t>
+void logit_confidence_kernel(const scalar_t* z, const int64_t* y, void* out_v, int64_t R, int64_t K) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t* out = static_cast<acc_t*>(out_v);
+  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = z + r * K;
+      const int64_t label = y[r];
+      acc_t mx = -std::numeric_limits<acc_t>::infinity(), s = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        if (k == label) continue;
+        const acc_t v = static_cast<acc_t>(row[k]);
+        if (v == -std::numeric_limits<acc_t>::infinity()) continue;  // contributes exp(-inf) = 0
+        if (v > mx) {
+          s = s * std::exp(mx - v) + acc_t(1);
+          mx = v;
+        } else {
+          s += std::exp(v - mx);
+        }
+      }
+      out[r] = static_cast<acc_t>(row[label]) - (mx + std::log(s));
+    }
+  });
+}
+
+at::Tensor logit_confidence_cpu(const at::Tensor& logits_in, const at::Tensor& labels_in) {
+  TORCH_CHECK(logits_in.dim() == 2, "bnmem::logit_confidence: logits must be [R, K], got ", logits_in.sizes());
+  TORCH_CHECK(labels_in.dim() == 1 && labels_in.size(0) == logits_in.size(0),
+              "bnmem::logit_confidence: labels must be [R], got ", labels_in.sizes());
+  TORCH_CHECK(labels_in.scalar_type() == at::kLong, "bnmem::logit_confidence: labels must be int64");
+  TORCH_CHECK(logits_in.size(1) >= 2, "bnmem::logit_confidence: K >= 2 needed");
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor labels = labels_in.contiguous();
+  const int64_t R = logits.size(0), K = logits.size(1);
+  at::Tensor out = at::empty({R}, logits.options().dtype(norm_out_dtype(logits.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logit_confidence_cpu", [&] {
+    logit_confidence_kernel<scalar_t>(logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(),
+                                      out.data_ptr(), R, K);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnmem, CPU, m) {
+  m.impl("lira_scores", &lira_scores_cpu);
+  m.impl("logit_confidence", &logit_confidence_cpu);
+}
+
+}  // namespace bnmem
