@@ -1,0 +1,103 @@
+"""bench/conftest.py + bench/_harness.py on a throwaway bench file: every row gets peak memory and
+hardware; a refusal, a crash and a named skip are rows in the JSON, not silently dropped."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture(autouse=True)
+def _native_modules_loaded_once():
+    """pytester's in-process runs unload modules first imported inside them; triton's nanobind
+    extension aborts the process when imported twice, so load it (as bench/conftest.py will) first."""
+    from bnmem_kernels import info
+
+    info.collect()
+
+FAKE = '''
+import pytest, torch
+from _harness import record_failure, run_or_record
+
+def test_ok(benchmark):
+    benchmark.group = "g B8"
+    benchmark.extra_info.update(role="bnmem", shape=[8, 4], device="cpu")
+    benchmark.pedantic(lambda: torch.empty(1 << 20, dtype=torch.uint8).fill_(1), rounds=2)
+
+def test_setup(benchmark):
+    benchmark.group = "g B8"
+    benchmark.extra_info.update(role="alternative", name="doubles", device="cpu")
+    benchmark.pedantic(lambda x: x * 2, setup=lambda: ((torch.ones(1 << 16),), {}), rounds=2)
+
+def test_refuses(benchmark):
+    benchmark.group = "g B8"
+    benchmark.extra_info.update(role="alternative", name="opacus")
+    def refuse():
+        raise ValueError("BatchNorm cannot support\\n per-sample gradients")
+    assert run_or_record(benchmark, refuse, rounds=2) is None
+
+def test_explicit(benchmark):
+    benchmark.group = "g B8"
+    benchmark.extra_info.update(role="alternative", name="jacrev")
+    record_failure(benchmark, MemoryError("out of memory"))
+
+def test_crashes(benchmark):
+    benchmark.group = "g B8"
+    benchmark.extra_info.update(role="alternative", name="crashy")
+    benchmark(lambda: 1 / 0)
+
+def test_skips(benchmark):
+    benchmark.group = "g B8"
+    benchmark.extra_info.update(role="alternative", name="needs gpu")
+    pytest.skip("no CUDA")
+
+def test_skip_unnamed(benchmark):
+    pytest.skip("not a row: no group/role yet")
+
+def test_probe_off(benchmark, monkeypatch):
+    monkeypatch.setenv("BNMEM_BENCH_MEMORY", "0")
+    benchmark.extra_info.update(role="bnmem")
+    benchmark.pedantic(lambda: torch.ones(8), rounds=1)
+
+def test_bnmem_raises(benchmark):
+    benchmark.group = "g B8"
+    benchmark.extra_info.update(role="bnmem", backend="cpu")
+    run_or_record(benchmark, lambda: [][1])
+'''
+
+
+def test_rows_memory_and_failures(pytester, monkeypatch):
+    monkeypatch.delenv("BNMEM_BENCH_MEMORY", raising=False)
+    for name in ("conftest.py", "_harness.py"):
+        shutil.copy(BENCH / name, pytester.path / name)
+    pytester.makepyfile(test_bench_fake=FAKE)
+    out = pytester.path / "out.json"
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--benchmark-only",
+                                          f"--benchmark-json={out}", "-q")
+    result.assert_outcomes(passed=5, failed=2, skipped=2)  # crashes + bnmem_raises fail the run
+
+    data = json.loads(out.read_text())
+    assert data["machine_info"]["bnmem"]["torch"]
+    assert data["machine_info"]["bnmem_hardware"]["cpu_count"] >= 1
+    rows = {b["name"].split(" [")[0]: b for b in data["benchmarks"]}
+    assert set(rows) == {"test_ok", "test_setup", "test_refuses", "test_explicit", "test_crashes", "test_skips",
+                         "test_bnmem_raises", "test_probe_off"}
+    ok = rows["test_ok"]["extra_info"]
+    assert ok["peak_mem_device"] == "cpu" and ok["peak_mem_bytes"] >= 1 << 20  # the 1 MiB buffer is seen
+    assert "status" not in ok and rows["test_ok"]["stats"]["rounds"] == 2
+    # setup's input is allocated outside the measured window; the output (x * 2) inside it
+    assert 1 << 18 <= rows["test_setup"]["extra_info"]["peak_mem_bytes"] < 2 << 18
+    expect = {"test_refuses": ("failed", "ValueError: BatchNorm cannot support per-sample gradients"),
+              "test_explicit": ("failed", "MemoryError: out of memory"),
+              "test_crashes": ("error", "ZeroDivisionError: division by zero"),
+              "test_skips": ("skipped", "no CUDA"),
+              "test_bnmem_raises": ("failed", "IndexError: list index out of range")}
+    for name, (status, message) in expect.items():
+        extra = rows[name]["extra_info"]
+        assert (extra["status"], extra["error"]) == (status, message), name
+        assert rows[name]["group"] == "g B8" and "peak_mem_bytes" not in extra
+    assert "peak_mem_bytes" not in rows["test_probe_off"]["extra_info"]  # BNMEM_BENCH_MEMORY=0
+
