@@ -118,6 +118,7 @@ class RunFolder:
                     f"run folder {self.root} holds a run with a different config (hash {man.get('config_hash')} "
                     f"vs {cfg.hash()}; differs in: {', '.join(diff) or 'unknown'}); use a new --out, or rerun "
                     "with the same flags/--config to resume it")
+            self._remove_stale_tmp()
             return True
         if os.listdir(self.root):
             raise BnmemError(f"--out {self.root} is a non-empty folder without a bnmem manifest; choose an empty "
@@ -126,6 +127,13 @@ class RunFolder:
         write_json(mpath, {"bnmem": __version__, "config_hash": cfg.hash(),
                            "config": {**cfg.hashed_dict(), "data_dir": cfg.data_dir}, "stages": {}})
         return False
+
+    def _remove_stale_tmp(self) -> None:
+        """Temporary files of a killed run (never read; the finished file is moved in whole)."""
+        for folder, _, files in os.walk(self.root):
+            for f in files:
+                if f.startswith(".tmp-"):
+                    os.unlink(os.path.join(folder, f))
 
     def manifest(self) -> dict:
         mpath = self.path(MANIFEST)

@@ -43,15 +43,19 @@ def _schedule(total_steps: int, points: int) -> list:
 
 
 def _probe_batch(train_idx, group, size, rng):
-    """Fixed batch for the exact schedule: about half OOD canaries (spread over kinds), rest in-dist."""
-    ood = [train_idx[group[train_idx] == g] for g in np.unique(group[train_idx]) if g != 0]
+    """Fixed batch for the exact schedule: up to half OOD canaries (round-robin over kinds), rest in-dist."""
+    kinds = [list(rng.permutation(train_idx[group[train_idx] == g])) for g in np.unique(group[train_idx]) if g != 0]
     chosen = []
-    per_kind = max(1, (size // 2) // max(1, len(ood))) if ood else 0
-    for arr in ood:
-        chosen.extend(rng.permutation(arr)[:per_kind].tolist())
-    ind = train_idx[group[train_idx] == 0]
-    chosen.extend(rng.permutation(ind)[:size - len(chosen)].tolist())
-    return np.array(chosen[:size], dtype=np.int64)
+    while len(chosen) < size // 2 and any(kinds):
+        for k in kinds:
+            if k and len(chosen) < size // 2:
+                chosen.append(k.pop())
+    ind = rng.permutation(train_idx[group[train_idx] == 0])
+    rest = [i for i in ind if i not in set(chosen)][:size - len(chosen)]
+    chosen += rest
+    if len(chosen) < size:  # few in-distribution examples: top up with more canaries
+        chosen += [i for k in kinds for i in k][:size - len(chosen)]
+    return np.array(chosen, dtype=np.int64)
 
 
 def train_one(root: str, cfg_dict: dict, variant: str, m: int) -> dict:
