@@ -1,0 +1,325 @@
+// LiRA scoring on CUDA: logit_confidence and lira_scores (MATH.md "LiRA and RMIA").
+//
+// logit_confidence: one warp per row; each lane keeps a running max and a rescaled sum of
+// exponentials over its strided share of K (skipping the label), then the lanes merge their
+// (max, sum) pairs by shuffles. One read of the logits; fp32 accumulation (fp64 for fp64).
+//
+// lira_scores: a block owns LANES consecutive examples (32 for fp32, 16 for fp64) and all M models:
+// per augmentation it stages the [M, LANES] slice of conf in shared memory (coalesced along the
+// examples), reduces the in/out group means and centred sums S1, S2 over the models (fp64), finds
+// for center=median the middle order statistics of each group by ranking in shared memory, and then
+// every thread scores its targets t: leave-one-model-out statistics by subtracting t's own value,
+// Gaussian log-likelihoods in the input precision, accumulated over augmentations in shared memory.
+// Each conf value is read once from global memory and each score written once.
+#include "cuda_utils.cuh"
+#include "../include/bnmem_common.h"
+
+#include <cmath>
+#include <optional>
+
+namespace bnmem {
+namespace {
+
+constexpr int kRows = 8;  // threads over models per example column
+constexpr double kLogSqrt2PiD = 0.91893853320467274178;
+
+template <typename T>
+__device__ __forceinline__ T log_ndtr_tail(T z) {  // z < -3: continued fraction of the Mills ratio
+  const T x = -z;
+  T r = x;
+  for (int k = 40; k >= 1; --k) r = x + T(k) / r;
+  return T(-0.5) * x * x - T(kLogSqrt2PiD) - log(r);
+}
+
+template <typename T>
+__device__ __forceinline__ T log_ndtr(T z) {
+  if (z < T(-3)) return log_ndtr_tail(z);
+  if (z > T(3)) return log1p(-exp(log_ndtr_tail(-z)));
+  return log(T(0.5) * erfc(-z * T(0.70710678118654752440)));
+}
+
+template <typename T>
+__device__ __forceinline__ T norm_logpdf(T c, T mu, T s) {
+  const T z = (c - mu) / s;
+  return T(-0.5) * z * z - log(s) - T(kLogSqrt2PiD);
+}
+
+struct GroupStat {
+  double cnt, mean, s1, s2, lo, mid, hi;  // lo/mid/hi: sorted[p-1], sorted[p], sorted[p+1], p = (cnt-1)/2
+};
+
+// Mean (or numpy median) and population std of the group without x (when drop), else of all of it.
+__device__ __forceinline__ void group_center(const GroupStat& g, bool drop, double x, bool median,
+                                             double& mu, double& sd) {
+  const double n = g.cnt - (drop ? 1.0 : 0.0);
+  const double d = drop ? x - g.mean : 0.0;
+  const double m = (g.s1 - d) / n;
+  mu = g.mean + m;
+  const double var = (g.s2 - d * d) / n - m * m;
+  sd = sqrt(var > 0 ? var : 0.0);
+  if (median) {
+    const bool even = (static_cast<long long>(g.cnt) % 2) == 0;
+    if (!drop) {
+      mu = even ? 0.5 * (g.mid + g.hi) : g.mid;
+    } else if (even) {
+      mu = x <= g.mid ? g.hi : g.mid;
+    } else {
+      mu = x <= g.lo ? 0.5 * (g.mid + g.hi) : (x >= g.hi ? 0.5 * (g.lo + g.mid) : 0.5 * (g.lo + g.hi));
+    }
+  }
+}
+
+template <typename scalar_t, int LANES>
+__global__ void __launch_bounds__(LANES * kRows)
+lira_scores_kernel(const scalar_t* __restrict__ conf, const bool* __restrict__ keep,
+                   const scalar_t* __restrict__ gstd, scalar_t* __restrict__ out, int64_t M, int64_t N,
+                   int64_t A, bool online, bool median, bool logpdf, int need_in, int need_out) {
+  extern __shared__ unsigned char smem_raw[];
+  scalar_t* tile = reinterpret_cast<scalar_t*>(smem_raw);  // [M][LANES]
+  scalar_t* acc = tile + M * LANES;                         // [M][LANES]
+  unsigned char* kp = reinterpret_cast<unsigned char*>(acc + M * LANES);  // [M][LANES]
+  __shared__ double red[4][kRows][LANES];
+  __shared__ GroupStat stat[2][LANES];  // 0: in, 1: out
+
+  const int lane = threadIdx.x, row = threadIdx.y;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * LANES + lane;
+  const bool live = n < N;
+
+  int cin = 0;
+  for (int64_t m = row; m < M; m += kRows) {
+    const unsigned char k = live ? static_cast<unsigned char>(keep[m * N + n]) : 0;
+    kp[m * LANES + lane] = k;
+    cin += k;
+  }
+  red[0][row][lane] = cin;
+  __syncthreads();
+  double n_in = 0;
+  for (int r = 0; r < kRows; ++r) n_in += red[0][r][lane];
+  const double n_out = static_cast<double>(M) - n_in;
+  __syncthreads();
+
+  for (int64_t a = 0; a < A; ++a) {
+    double p_in = 0, p_out = 0;
+    for (int64_t m = row; m < M; m += kRows) {
+      const scalar_t v = live ? conf[(m * N + n) * A + a] : scalar_t(0);
+      tile[m * LANES + lane] = v;
+      (kp[m * LANES + lane] ? p_in : p_out) += static_cast<double>(v);
+    }
+    red[0][row][lane] = p_in;
+    red[1][row][lane] = p_out;
+    __syncthreads();
+    double mean_in = 0, mean_out = 0;
+    for (int r = 0; r < kRows; ++r) {
+      mean_in += red[0][r][lane];
+      mean_out += red[1][r][lane];
+    }
+    mean_in /= (n_in > 0 ? n_in : 1.0);
+    mean_out /= (n_out > 0 ? n_out : 1.0);
+    __syncthreads();
+    double s1i = 0, s2i = 0, s1o = 0, s2o = 0;
+    for (int64_t m = row; m < M; m += kRows) {
+      const double v = static_cast<double>(tile[m * LANES + lane]);
+      if (kp[m * LANES + lane]) {
+        const double d = v - mean_in;
+        s1i += d;
+        s2i += d * d;
+      } else {
+        const double d = v - mean_out;
+        s1o += d;
+        s2o += d * d;
+      }
+    }
+    red[0][row][lane] = s1i;
+    red[1][row][lane] = s2i;
+    red[2][row][lane] = s1o;
+    red[3][row][lane] = s2o;
+    __syncthreads();
+    if (row < 2) {
+      GroupStat g;
+      g.cnt = row == 0 ? n_in : n_out;
+      g.mean = row == 0 ? mean_in : mean_out;
+      g.s1 = g.s2 = 0;
+      for (int r = 0; r < kRows; ++r) {
+        g.s1 += red[2 * row][r][lane];
+        g.s2 += red[2 * row + 1][r][lane];
+      }
+      g.lo = g.mid = g.hi = 0;
+      stat[row][lane] = g;
+    }
+    __syncthreads();
+    if (median) {
+      // rank of each group member among its group (ties broken by model index): members whose
+      // rank is p-1, p or p+1 publish their value.
+      for (int64_t m = row; m < M; m += kRows) {
+        const unsigned char km = kp[m * LANES + lane];
+        const scalar_t xm = tile[m * LANES + lane];
+        int64_t rank = 0;
+        for (int64_t j = 0; j < M; ++j) {
+          if (kp[j * LANES + lane] != km) continue;
+          const scalar_t xj = tile[j * LANES + lane];
+          rank += (xj < xm) || (xj == xm && j < m);
+        }
+        GroupStat& g = stat[km ? 0 : 1][lane];
+        const int64_t p = (static_cast<int64_t>(g.cnt) - 1) / 2;
+        if (rank == p - 1) g.lo = static_cast<double>(xm);
+        if (rank == p) g.mid = static_cast<double>(xm);
+        if (rank == p + 1) g.hi = static_cast<double>(xm);
+      }
+      __syncthreads();
+    }
+    using acc_t = typename AccOf<scalar_t>::type;
+    const GroupStat gi = stat[0][lane], go = stat[1][lane];
+    for (int64_t t = row; t < M; t += kRows) {
+      const bool t_in = kp[t * LANES + lane];
+      const double x = static_cast<double>(tile[t * LANES + lane]);
+      double mu_o, sd_o;
+      group_center(go, !t_in, x, median, mu_o, sd_o);
+      if (gstd) sd_o = static_cast<double>(gstd[(M + t) * A + a]);
+      const acc_t c = static_cast<acc_t>(x);
+      acc_t v;
+      if (online) {
+        double mu_i, sd_i;
+        group_center(gi, t_in, x, median, mu_i, sd_i);
+        if (gstd) sd_i = static_cast<double>(gstd[t * A + a]);
+        v = norm_logpdf<acc_t>(c, mu_i, sd_i) - norm_logpdf<acc_t>(c, mu_o, sd_o);
+      } else if (logpdf) {
+        v = -norm_logpdf<acc_t>(c, mu_o, sd_o);
+      } else {
+        v = log_ndtr<acc_t>((c - static_cast<acc_t>(mu_o)) / static_cast<acc_t>(sd_o));
+      }
+      acc[t * LANES + lane] = (a == 0 ? acc_t(0) : acc[t * LANES + lane]) + v;
+    }
+    __syncthreads();
+  }
+  if (!live) return;
+  for (int64_t t = row; t < M; t += kRows) {
+    const bool t_in = kp[t * LANES + lane];
+    const double ci = n_in - (t_in ? 1 : 0), co = n_out - (t_in ? 0 : 1);
+    const bool ok = ci >= need_in && co >= need_out;
+    out[t * N + n] = ok ? acc[t * LANES + lane] / static_cast<scalar_t>(A) : static_cast<scalar_t>(NAN);
+  }
+}
+
+template <typename scalar_t, int LANES>
+void launch_lira(const at::Tensor& conf, const at::Tensor& keep, const at::Tensor& gstd, at::Tensor& out,
+                 bool online, bool median, bool logpdf) {
+  const int64_t M = conf.size(0), N = conf.size(1), A = conf.size(2);
+  const int need = gstd.defined() ? 1 : 2;
+  const size_t smem = static_cast<size_t>(M) * LANES * (2 * sizeof(scalar_t) + 1);
+  auto kernel = lira_scores_kernel<scalar_t, LANES>;
+  int dev = 0, max_smem = 0;
+  BNMEM_CUDA_CHECK(cudaGetDevice(&dev));
+  BNMEM_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  const size_t static_smem = sizeof(double) * 4 * kRows * LANES + sizeof(GroupStat) * 2 * LANES;
+  TORCH_CHECK(smem + static_smem <= static_cast<size_t>(max_smem), "bnmem::lira_scores (cuda): M = ", M,
+              " models need ", smem + static_smem, " bytes of shared memory per block, the device has ",
+              max_smem, "; use backend='triton' or 'reference'");
+  if (smem > 48 * 1024)
+    BNMEM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const dim3 block(LANES, kRows);
+  const dim3 grid(static_cast<unsigned>((N + LANES - 1) / LANES));
+  kernel<<<grid, block, smem, current_stream(conf)>>>(
+      conf.const_data_ptr<scalar_t>(), keep.const_data_ptr<bool>(),
+      gstd.defined() ? gstd.const_data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, A, online,
+      median, logpdf, online ? need : 0, need);
+}
+
+at::Tensor lira_scores_cuda(const at::Tensor& conf_in, const at::Tensor& keep_in,
+                            const std::optional<at::Tensor>& global_std, bool online, bool median, bool logpdf) {
+  TORCH_CHECK(conf_in.dim() == 3, "bnmem::lira_scores: conf must be [M, N, A], got ", conf_in.sizes());
+  TORCH_CHECK(keep_in.dim() == 2 && keep_in.size(0) == conf_in.size(0) && keep_in.size(1) == conf_in.size(1),
+              "bnmem::lira_scores: keep must be [M, N] matching conf, got ", keep_in.sizes());
+  TORCH_CHECK(keep_in.scalar_type() == at::kBool, "bnmem::lira_scores: keep must be bool");
+  TORCH_CHECK(conf_in.scalar_type() == at::kFloat || conf_in.scalar_type() == at::kDouble,
+              "bnmem::lira_scores: conf must be fp32 or fp64, got ", conf_in.scalar_type());
+  TORCH_CHECK(keep_in.device() == conf_in.device(), "bnmem::lira_scores: conf and keep on different devices");
+  DeviceScope scope(conf_in);
+  const at::Tensor conf = conf_in.contiguous();
+  const at::Tensor keep = keep_in.contiguous();
+  const int64_t M = conf.size(0), N = conf.size(1), A = conf.size(2);
+  at::Tensor gstd;
+  if (global_std.has_value()) {
+    TORCH_CHECK(global_std->dim() == 3 && global_std->size(0) == 2 && global_std->size(1) == M &&
+                    global_std->size(2) == A,
+                "bnmem::lira_scores: global_std must be [2, M, A], got ", global_std->sizes());
+    gstd = global_std->to(conf.scalar_type()).contiguous();
+  }
+  at::Tensor out = at::empty({M, N}, conf.options());
+  if (N == 0 || M == 0) return out;
+  if (conf.scalar_type() == at::kDouble) {
+    launch_lira<double, 16>(conf, keep, gstd, out, online, median, logpdf);
+  } else {
+    launch_lira<float, 32>(conf, keep, gstd, out, online, median, logpdf);
+  }
+  BNMEM_CUDA_CHECK(cudaGetLastError());
+  return out;
+}
+
+// ---------------------------------------------------------------------------- logit_confidence
+template <typename acc_t>
+__device__ __forceinline__ void merge(acc_t& m, acc_t& s, acc_t m2, acc_t s2) {
+  const acc_t mx = m > m2 ? m : m2;
+  if (mx == -INFINITY) return;  // both empty
+  s = s * exp(m - mx) + s2 * exp(m2 - mx);
+  m = mx;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void logit_confidence_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ y,
+                                        acc_t* __restrict__ out, int64_t R, int64_t K) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= R) return;  // whole warps exit together
+  const scalar_t* row = z + r * K;
+  const int64_t label = y[r];
+  acc_t m = -INFINITY, s = 0;
+  for (int64_t k = lane; k < K; k += 32) {
+    if (k == label) continue;
+    const acc_t v = static_cast<acc_t>(row[k]);
+    if (v == -INFINITY) continue;
+    if (v > m) {
+      s = s * exp(m - v) + acc_t(1);
+      m = v;
+    } else {
+      s += exp(v - m);
+    }
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    const acc_t m2 = __shfl_xor_sync(0xffffffffu, m, off);
+    const acc_t s2 = __shfl_xor_sync(0xffffffffu, s, off);
+    merge(m, s, m2, s2);
+  }
+  if (lane == 0) out[r] = static_cast<acc_t>(row[label]) - (m + log(s));
+}
+
+at::Tensor logit_confidence_cuda(const at::Tensor& logits_in, const at::Tensor& labels_in) {
+  TORCH_CHECK(logits_in.dim() == 2, "bnmem::logit_confidence: logits must be [R, K], got ", logits_in.sizes());
+  TORCH_CHECK(labels_in.dim() == 1 && labels_in.size(0) == logits_in.size(0),
+              "bnmem::logit_confidence: labels must be [R], got ", labels_in.sizes());
+  TORCH_CHECK(labels_in.scalar_type() == at::kLong, "bnmem::logit_confidence: labels must be int64");
+  TORCH_CHECK(logits_in.size(1) >= 2, "bnmem::logit_confidence: K >= 2 needed");
+  DeviceScope scope(logits_in);
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor labels = labels_in.contiguous();
+  const int64_t R = logits.size(0), K = logits.size(1);
+  at::Tensor out = at::empty({R}, logits.options().dtype(norm_out_dtype(logits.scalar_type())));
+  if (R == 0) return out;
+  constexpr int kWarps = 8;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logit_confidence_cuda", [&] {
+    using acc_t = typename AccOf<scalar_t>::type;
+    logit_confidence_kernel<scalar_t, acc_t><<<static_cast<unsigned>((R + kWarps - 1) / kWarps), 32 * kWarps, 0,
+                                               current_stream(logits)>>>(
+        logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(), out.data_ptr<acc_t>(), R, K);
+  });
+  BNMEM_CUDA_CHECK(cudaGetLastError());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnmem, CUDA, m) {
+  m.impl("lira_scores", &lira_scores_cuda);
+  m.impl("logit_confidence", &logit_confidence_cuda);
+}
+
+}  // namespace bnmem
