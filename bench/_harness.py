@@ -162,6 +162,19 @@ def run_or_record(benchmark, fn, *args, rounds: int | None = None, warmup_rounds
                               iterations=iterations)
 
 
+def close_unfinished(session_benchmarks: list) -> None:
+    """Session end (bench/conftest.py): a benchmark stopped mid-timing (SIGINT from a time limit,
+    Ctrl-C) has rows without data, which would crash pytest-benchmark's JSON writer and lose every
+    row; make each an "error" row saying so."""
+    for meta in session_benchmarks:
+        if not meta.stats.data:
+            meta.extra_info.setdefault("status", "error")
+            meta.extra_info.setdefault("error", "interrupted before a round finished (time limit or Ctrl-C)")
+            meta.name += f" [{meta.extra_info['status']}]"
+            meta.update(0.0)
+            meta.fixture.has_error = False
+
+
 def after_test(fixture, call_report) -> None:
     """Teardown hook (bench/conftest.py): a test that raised without a timing becomes an "error" row; a
     test skipped after naming its row (group and extra_info["role"] set) becomes a "skipped" row."""

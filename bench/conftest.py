@@ -65,6 +65,14 @@ def pytest_runtest_makereport(item, call):
         item._bnmem_call_report = outcome.get_result()
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    bs = getattr(session.config, "_benchmarksession", None)
+    if bs is not None:  # before pytest-benchmark writes the JSON
+        _harness.close_unfinished(bs.benchmarks)
+    yield
+
+
 @pytest.fixture
 def benchmark(benchmark, request):
     """pytest-benchmark's fixture with peak memory and failure rows (bench/_harness.py)."""

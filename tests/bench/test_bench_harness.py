@@ -101,3 +101,25 @@ def test_rows_memory_and_failures(pytester, monkeypatch):
         assert rows[name]["group"] == "g B8" and "peak_mem_bytes" not in extra
     assert "peak_mem_bytes" not in rows["test_probe_off"]["extra_info"]  # BNMEM_BENCH_MEMORY=0
 
+
+
+def test_interrupted_rows_are_kept():
+    """A benchmark stopped mid-timing (gpu.sh's per-file time limit sends SIGINT) leaves a row
+    with no data; close_unfinished turns it into an error row so the JSON is still written."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from pytest_benchmark.stats import Metadata
+
+    spec = importlib.util.spec_from_file_location("bnmem_bench_harness", BENCH / "_harness.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    fx = SimpleNamespace(name="test_slow", fullname="b.py::test_slow", group="g B8", param=None, params=None,
+                         extra_info={"role": "alternative"}, cprofile_stats=None, has_error=False)
+    done = SimpleNamespace(**dict(vars(fx), name="test_done", extra_info={}))
+    unfinished, finished = Metadata(fx, iterations=1, options={}), Metadata(done, iterations=1, options={})
+    finished.update(0.5)
+    harness.close_unfinished([unfinished, finished])
+    assert unfinished.as_dict()["stats"]["median"] == 0.0 and unfinished.name == "test_slow [error]"
+    assert fx.extra_info["status"] == "error" and "interrupted" in fx.extra_info["error"]
+    assert finished.name == "test_done" and finished.stats.data == [0.5] and "status" not in done.extra_info
