@@ -1,6 +1,7 @@
 """Plain-PyTorch definitions: the ground truth every fast implementation is tested against."""
 from .bn_seeded_backward import bn_seeded_backward
 from .ghost_norm import ghost_norm_linear
+from .norm_affine import norm_affine_grad_sq
 from .per_sample import per_sample_grad_norms
 
-__all__ = ["bn_seeded_backward", "ghost_norm_linear", "per_sample_grad_norms"]
+__all__ = ["bn_seeded_backward", "ghost_norm_linear", "norm_affine_grad_sq", "per_sample_grad_norms"]
