@@ -6,6 +6,9 @@ bnmem_kernels.info` reports what is available.
 """
 from ._backend import BACKENDS, BackendUnavailableError, available_backends, select_backend
 from .ops.ghost_norm_linear import ghost_norm_linear
+from .ops.norm_affine_grad_sq import norm_affine_grad_sq
+from .norms.onepass import per_sample_grad_norms
+from .norms.probe import GradNormProbe
 from . import lira, metrics  # noqa: E402  (LiRA/RMIA scoring and ROC metrics; cheap to import)
 
 __version__ = "0.1.0"
@@ -13,9 +16,12 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "GradNormProbe",
     "available_backends",
     "ghost_norm_linear",
     "lira",
     "metrics",
+    "norm_affine_grad_sq",
+    "per_sample_grad_norms",
     "select_backend",
 ]

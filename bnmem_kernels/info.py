@@ -13,6 +13,7 @@ from . import _backend
 OPS = {
     "ghost_norm_linear": _backend.BACKENDS,
     "bn_seeded_backward": _backend.BACKENDS,
+    "norm_affine_grad_sq": _backend.BACKENDS,
 }
 
 

@@ -1,0 +1,174 @@
+"""The one-pass engine: per-sample gradient norms for mode="column" | "detached" | "eval" from ONE
+backward pass of sum_i l_i, and the public `per_sample_grad_norms` (mode="exact" goes to exact.py).
+
+How (MATH.md, "Ghost norms"): forward hooks on every module that owns trainable parameters keep
+its input A (and the statistics of normalization layers) and put a zero "tap" on its output
+(out + z, z a stride-0 zero leaf that requires grad); `torch.autograd.grad(sum_i l_i, taps)` then
+returns G = d(sum_i l_i)/d out at every such module. Autograd is asked for no parameter, so
+it skips every weight-gradient GEMM, and the user's `.grad` is never touched. Each layer's rule
+(rules.py, one table) turns (A, G) into per-sample squared norms of its parameters without a B x P
+tensor (ghost norms; per-sample affine sums for normalization layers). The tap (rather than the
+module output itself) keeps G right when a later in-place op (ReLU(inplace=True)) rewrites the
+output.
+
+Modes: "column" and "detached" run the model in train mode (BatchNorm with batch statistics),
+"eval" in eval mode (running statistics); "detached" additionally recomputes each BatchNorm's
+output with its batch statistics detached (rules.BatchNormRule). The model's training flags,
+buffers (running stats, num_batches_tracked), .grad and hooks are restored on return (_state).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..reference.ghost_norm import accumulation_dtype
+from . import rules as _rules
+from ._checks import check_call, check_losses, result_dtype, trainable_parameters
+from ._state import preserved_model_state, set_mode, temporary_hooks
+
+
+class LayerCapture:
+    """What the forward hook saw at one module call (rule state + the tap on its output)."""
+
+    __slots__ = ("name", "module", "rule", "state", "tap", "grad")
+
+    def __init__(self, name, module, rule, state, tap):
+        self.name, self.module, self.rule, self.state, self.tap = name, module, rule, state, tap
+        self.grad = None
+
+
+def parameter_modules(model: nn.Module):
+    """[(module path, module, rule)] for every module that owns trainable parameters directly.
+    Raises rules.UnsupportedModuleError (naming path, type and the supported types) for a module
+    without a rule."""
+    found = []
+    for name, m in model.named_modules():
+        if any(p.requires_grad for p in m.parameters(recurse=False)):
+            found.append((name, m, _rules.rule_for(m, name)))
+    return found
+
+
+def install_capture_hooks(model, mode, handles, *, tap: bool, on_output=None):
+    """Register the forward hooks; returns the list the hooks append LayerCaptures to.
+
+    tap=True: the hook returns out + z (z a zero leaf requiring grad, the tap autograd.grad asks
+    for). tap=False (GradNormProbe): the output is left as is and `on_output(capture, output)`
+    registers what it needs (a tensor hook). A module called twice in one forward is refused at
+    norm time (per-sample norms do not add over calls)."""
+    captures: list[LayerCapture] = []
+
+    def make_hook(name, rule):
+        def hook(module, args, output):
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"module {name!r} ({type(module).__name__}) returned {type(output).__name__}; "
+                                "per-sample norms need modules with parameters to return one tensor")
+            state, replacement = rule.capture(module, args[0], output, mode)
+            out = output if replacement is None else replacement
+            z = None
+            if tap and out.requires_grad:
+                z = torch.zeros((), dtype=out.dtype, device=out.device).expand(out.shape).requires_grad_()
+                out = out + z
+            cap = LayerCapture(name, module, rule, state, z)
+            captures.append(cap)
+            if on_output is not None:
+                on_output(cap, out)
+            return out if (tap or replacement is not None) else None
+        return hook
+
+    for name, m, rule in parameter_modules(model):
+        handles.append(m.register_forward_hook(make_hook(name, rule)))
+    return captures
+
+
+def _chunks(B, max_chunk):
+    step = B if max_chunk is None else max_chunk
+    return [(s, min(B, s + step)) for s in range(0, B, step)]
+
+
+def _slice_state(state, s, e):
+    """Rule states hold tensors with the batch as dim 0, or a leading 1 (shared by all samples)."""
+    return {k: v[s:e] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] != 1 else v
+            for k, v in state.items()}
+
+
+def norms_from_captures(model, captures, B, *, per_layer, backend, max_chunk=None, scale=1.0):
+    """Per-sample norms (total, and per parameter name if per_layer) from captured A and G.
+
+    scale multiplies every G (GradNormProbe: B for a mean-reduced loss). Samples are processed
+    in chunks of max_chunk (bounding the unfold/Gram workspace)."""
+    named = trainable_parameters(model)
+    out_dtype = result_dtype(model)
+    acc = accumulation_dtype(out_dtype)
+    pname = {id(p): n for n, p in named}
+    device = named[0][1].device
+    sq = {n: torch.zeros(B, dtype=acc, device=device) for n, _ in named}
+    seen = {}
+    for cap in captures:
+        seen[cap.name] = seen.get(cap.name, 0) + 1
+        if seen[cap.name] > 1:
+            raise ValueError(f"module {cap.name!r} ({type(cap.module).__name__}) ran more than once in one forward; "
+                             "per-sample norms of a shared (reused) module are not supported by the one-pass engine")
+    for cap in captures:
+        G = cap.grad
+        if G is None:   # the module's output did not reach the loss: zero gradient
+            continue
+        if scale != 1.0:
+            G = G * scale
+        local = {n: p for n, p in cap.module.named_parameters(recurse=False) if p.requires_grad}
+        for s, e in _chunks(B, max_chunk):
+            st = cap.state if (s, e) == (0, B) else _slice_state(cap.state, s, e)
+            res = cap.rule.sq_norms(cap.module, st, G if (s, e) == (0, B) else G[s:e], backend)
+            for ln, v in res.items():
+                if ln in local:
+                    sq[pname[id(local[ln])]][s:e] += v.to(acc)
+    total = torch.stack(list(sq.values())).sum(dim=0).sqrt().to(out_dtype)
+    if not per_layer:
+        return total
+    return total, {n: v.sqrt().to(out_dtype) for n, v in sq.items()}
+
+
+def onepass_per_sample_grad_norms(model, loss_fn, inputs, targets, *, mode, per_layer=False, backend=None,
+                                  max_chunk=None):
+    """column / detached / eval norms from one backward pass (see the module docstring)."""
+    args, B = check_call(model, loss_fn, inputs, targets, mode, max_chunk, per_layer)
+    if mode == "exact":
+        raise ValueError("onepass_per_sample_grad_norms computes column/detached/eval; exact is norms.exact")
+    with preserved_model_state(model), torch.enable_grad():
+        set_mode(model, mode)
+        with temporary_hooks() as handles:
+            captures = install_capture_hooks(model, mode, handles, tap=True)
+            losses = check_losses(loss_fn(model(*args), targets), B)
+        live = [c for c in captures if c.tap is not None]
+        grads = torch.autograd.grad(losses.sum(), [c.tap for c in live], allow_unused=True)
+        for c, g in zip(live, grads):
+            c.grad = g
+        del losses, grads
+        with torch.no_grad():
+            return norms_from_captures(model, captures, B, per_layer=per_layer, backend=backend,
+                                       max_chunk=max_chunk)
+
+
+def per_sample_grad_norms(model, loss_fn, inputs, targets, *, mode="exact", per_layer=False, backend=None,
+                          max_chunk=None):
+    """Per-sample gradient norms ||d l_i / d theta|| of the per-sample losses l = loss_fn(model(inputs), targets).
+
+    model: nn.Module; inputs: a tensor [B, ...] (or a tuple of tensors, passed as model(*inputs));
+    targets: whatever loss_fn takes; loss_fn(outputs, targets) -> per-sample losses [B].
+    mode (MATH.md): "exact" (BN in train mode, with its cross-sample coupling; norms.exact),
+    "column" (the split of the batch gradient over samples, G_i^T A_i per layer),
+    "detached" (BN batch statistics constant in the backward), "eval" (running statistics).
+    Only parameters with requires_grad count; total^2 = sum of per-parameter squares.
+    Returns norms [B] in the parameter dtype, or (norms, {parameter name: norms [B]}) with
+    per_layer=True. backend: the kernels' backend (None = BNMEM_BACKEND or auto). max_chunk: at
+    most this many samples per kernel call. The model is left exactly as it was.
+    Raises ValueError (bad mode / inputs / losses), TypeError, rules.UnsupportedModuleError.
+    """
+    if mode == "exact":
+        check_call(model, loss_fn, inputs, targets, mode, max_chunk, per_layer)
+        from .exact import exact_per_sample_grad_norms
+
+        with preserved_model_state(model):
+            return exact_per_sample_grad_norms(model, loss_fn, inputs, targets, per_layer=per_layer,
+                                               backend=backend, max_chunk=max_chunk)
+    return onepass_per_sample_grad_norms(model, loss_fn, inputs, targets, mode=mode, per_layer=per_layer,
+                                         backend=backend, max_chunk=max_chunk)

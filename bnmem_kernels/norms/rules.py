@@ -1,0 +1,327 @@
+"""Per-layer rules for one-pass per-sample gradient norms: ONE table, one rule per layer type.
+
+A rule turns what the forward and backward saw at one module call into per-sample squared norms
+of that module's own parameters (MATH.md, "column": the weight gradient split over the samples):
+  - `capture(module, x, output, mode)`, in the forward hook: returns the state the rule needs
+    later (the input, statistics; never a copy of the output; every tensor with the batch as
+    dim 0, or a leading 1 when shared by all samples, so the engine can chunk samples), and for mode="detached" a
+    replacement output (only BatchNorm: batch statistics detached, see `BatchNormRule`);
+  - `sq_norms(module, state, grad_out, backend)`, after the backward: {local parameter name:
+    [B] squared norms}, computed from the module input A and the output gradient G without ever
+    forming a per-sample gradient of more than one sample chunk (ghost norms, MATH.md).
+
+Adding a layer type = one class with those two methods and `@register(nn.SomeLayer)`. A module
+that owns parameters and has no rule makes the engine raise `UnsupportedModuleError`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.ghost_norm_linear import ghost_norm_linear
+from ..ops.norm_affine_grad_sq import norm_affine_grad_sq
+from ..reference.ghost_norm import accumulation_dtype
+
+RULES: dict[type, "Rule"] = {}
+
+
+class UnsupportedModuleError(TypeError):
+    """A module owns trainable parameters but no rule knows its per-sample gradient."""
+
+
+def register(*types):
+    """Class decorator: the rule handles these module types (and their subclasses)."""
+    def deco(cls):
+        for t in types:
+            RULES[t] = cls()
+        return cls
+    return deco
+
+
+def rule_for(module: nn.Module, name: str = "") -> "Rule":
+    for t in type(module).__mro__:
+        if t in RULES:
+            return RULES[t]
+    supported = ", ".join(sorted(t.__name__ for t in RULES))
+    raise UnsupportedModuleError(
+        f"module {name or '<root>'!r} of type {type(module).__module__}.{type(module).__name__} owns trainable "
+        f"parameters but has no per-sample gradient rule; supported layer types: {supported} (and any "
+        f"module without parameters of its own). Freeze its parameters (requires_grad=False), or add a rule "
+        f"in bnmem_kernels/norms/rules.py (@register)")
+
+
+class Rule:
+    """Base: capture the module input; subclasses define sq_norms."""
+
+    def capture(self, module, x, output, mode):
+        return {"x": x}, None
+
+    def sq_norms(self, module, state, grad_out, backend):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return accumulation_dtype(t.dtype)
+
+
+def _bias_sq(g_rows: torch.Tensor) -> torch.Tensor:
+    """g_rows [B, T, d_out] -> ||sum_t g_it||^2 per sample."""
+    return g_rows.to(_acc(g_rows)).sum(dim=1).square().sum(dim=1)
+
+
+# --------------------------------------------------------------------------------------- Linear
+@register(nn.Linear)
+class LinearRule(Rule):
+    """y = x W^T + b, x [B, *, d_in]: A_i = x_i as [T, d_in] rows, G_i [T, d_out];
+    ||dW_i||^2 = ||G_i^T A_i||^2 (ghost_norm_linear), ||db_i||^2 = ||sum_t g_it||^2."""
+
+    def sq_norms(self, module, state, grad_out, backend):
+        x = state["x"]
+        B = x.shape[0]
+        a = x.reshape(B, -1, x.shape[-1])
+        g = grad_out.reshape(B, -1, grad_out.shape[-1])
+        out = {"weight": ghost_norm_linear(a, g, backend=backend)}
+        if module.bias is not None:
+            out["bias"] = _bias_sq(g)
+        return out
+
+
+# ----------------------------------------------------------------------------------------- Conv
+def _conv_rows(module, x):
+    """Unfold a ConvNd input (1-D or 2-D) into per-group rows: [B * groups, L, C_in/groups * K]."""
+    nd = len(module.kernel_size)
+    ks, st, dil = tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation)
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        # 'same' (possibly asymmetric) or reflect/replicate/circular: pad explicitly as the layer does
+        pad_mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=pad_mode)
+        pad = (0,) * nd
+    else:
+        pad = tuple(module.padding)
+    if nd == 1:
+        x, ks, st, dil, pad = x.unsqueeze(2), (1,) + ks, (1,) + st, (1,) + dil, (0,) + pad
+    cols = F.unfold(x, ks, dilation=dil, padding=pad, stride=st)     # [B, C_in * K, L]
+    B, CK, L = cols.shape
+    gr = module.groups
+    return cols.view(B * gr, CK // gr, L).transpose(1, 2)             # [B * groups, L, C_in/g * K] (view)
+
+
+@register(nn.Conv1d, nn.Conv2d)
+class ConvRule(Rule):
+    """Per group: A_i = unfolded input rows [L, C_in/g * k], G_i = output gradient rows [L, C_out/g];
+    ||dW_i||^2 = sum_groups ||G_i^T A_i||^2 through ghost_norm_linear (which picks the Gram route,
+    2 L^2 < d_in d_out, or materializes G_i^T A_i), samples x groups stacked into its batch."""
+
+    def sq_norms(self, module, state, grad_out, backend):
+        x = state["x"]
+        B, gr = x.shape[0], module.groups
+        a = _conv_rows(module, x)
+        g = grad_out.reshape(B, grad_out.shape[1], -1)                # [B, C_out, L]
+        g_rows = g.reshape(B * gr, g.shape[1] // gr, -1).transpose(1, 2)
+        out = {"weight": ghost_norm_linear(a, g_rows, backend=backend).view(B, gr).sum(dim=1)}
+        if module.bias is not None:
+            out["bias"] = g.to(_acc(g)).sum(dim=2).square().sum(dim=1)
+        return out
+
+
+@register(nn.ConvTranspose1d, nn.ConvTranspose2d)
+class ConvTransposeRule(Rule):
+    """y = conv_transpose(x, W), W [C_in, C_out/g, *k]: dW_i[ci, co, k] = sum_p x_i[ci, p] G_i[co, p s + k d - pad],
+    i.e. the roles of conv swap: A = the input rows [L_in, C_in/g], 'G' = the output gradient
+    unfolded with the layer's stride/padding/dilation [L_in, C_out/g * k]."""
+
+    def sq_norms(self, module, state, grad_out, backend):
+        x = state["x"]
+        B, gr, nd = x.shape[0], module.groups, len(module.kernel_size)
+        ks, st, dil, pad = (tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation),
+                            tuple(module.padding))
+        g = grad_out
+        if nd == 1:
+            g, ks, st, dil, pad = g.unsqueeze(2), (1,) + ks, (1,) + st, (1,) + dil, (0,) + pad
+        cols = F.unfold(g, ks, dilation=dil, padding=pad, stride=st)  # [B, C_out * K, L_in]
+        xr = x.reshape(B, x.shape[1], -1)
+        if cols.shape[2] != xr.shape[2]:
+            raise ValueError(f"ConvTranspose rule: unfolded output gradient has {cols.shape[2]} positions, the "
+                             f"input {xr.shape[2]}; unsupported output_size/output_padding combination")
+        a = xr.reshape(B * gr, xr.shape[1] // gr, -1).transpose(1, 2)
+        gc = cols.reshape(B * gr, cols.shape[1] // gr, -1).transpose(1, 2)
+        out = {"weight": ghost_norm_linear(a, gc, backend=backend).view(B, gr).sum(dim=1)}
+        if module.bias is not None:
+            gg = grad_out.reshape(B, grad_out.shape[1], -1)
+            out["bias"] = gg.to(_acc(gg)).sum(dim=2).square().sum(dim=1)
+        return out
+
+
+# ----------------------------------------------------------------------------------- Embedding
+@register(nn.Embedding)
+class EmbeddingRule(Rule):
+    """dW_i = sum_t onehot(idx_it) g_it^T: rows of repeated indices add up before squaring.
+    Plain torch (a sort/unique + index_add, O(B T d)): no kernel is warranted, the work is one
+    pass over G. Tokens at padding_idx get no gradient."""
+
+    def capture(self, module, x, output, mode):
+        if module.max_norm is not None:
+            raise ValueError("nn.Embedding with max_norm renormalizes its weight in place during the forward "
+                             "(the call would change the model); per-sample norms do not support max_norm")
+        return {"x": x}, None
+
+    def sq_norms(self, module, state, grad_out, backend):
+        idx = state["x"]
+        B = idx.shape[0]
+        V = module.num_embeddings
+        g = grad_out.reshape(B, -1, grad_out.shape[-1]).to(_acc(grad_out))
+        idx = idx.reshape(B, -1)
+        if module.padding_idx is not None:
+            g = g * (idx != module.padding_idx).unsqueeze(-1).to(g.dtype)
+        key = (torch.arange(B, device=idx.device).unsqueeze(1) * V + idx).flatten()
+        uniq, inv = torch.unique(key, return_inverse=True)
+        rows = torch.zeros(uniq.shape[0], g.shape[-1], dtype=g.dtype, device=g.device)
+        rows.index_add_(0, inv, g.reshape(-1, g.shape[-1]))
+        sq = torch.zeros(B, dtype=g.dtype, device=g.device)
+        sq.index_add_(0, uniq // V, rows.square().sum(dim=1))
+        return {"weight": sq}
+
+
+# ------------------------------------------------------------------------------ normalization
+def _norm_sq(module, x3, g3, mean3, rstd3, backend):
+    out = norm_affine_grad_sq(x3, g3, mean3, rstd3, backend=backend)
+    res = {}
+    if getattr(module, "weight", None) is not None:
+        res["weight"] = out[:, 0]
+    if getattr(module, "bias", None) is not None:
+        res["bias"] = out[:, 1]
+    return res
+
+
+def _saved_stats(output, node_name):
+    """(mean, rstd) that the layer's autograd node saved in the forward, or None."""
+    fn = getattr(output, "grad_fn", None)
+    if fn is None or fn.name() != node_name:
+        return None
+    try:
+        return fn._saved_result1, fn._saved_result2
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+class BatchNormRule(Rule):
+    """Statistics per channel: batch statistics (train mode, or no running stats) or running
+    statistics (eval). dgamma_i[c] = sum_t dy xhat, dbeta_i[c] = sum_t dy (norm_affine_grad_sq).
+    mode="detached": the forward output is recomputed with the batch mean/var detached, so the
+    backward treats them as constants (the model's own output is discarded; running stats are
+    restored by the engine)."""
+
+    def capture(self, module, x, output, mode):
+        batch = module.training or module.running_mean is None
+        dims = [0] + list(range(2, x.dim()))
+        acc = _acc(x)
+        replace = None
+        if not batch:
+            mean = module.running_mean.detach().to(acc).clone()
+            rstd = torch.rsqrt(module.running_var.detach().to(acc) + module.eps)
+        else:
+            saved = None if mode == "detached" else _saved_stats(output, "NativeBatchNormBackward0")
+            if saved is not None and saved[0].numel() == x.shape[1] and saved[1].numel() == x.shape[1]:
+                mean, rstd = saved[0].detach().to(acc), saved[1].detach().to(acc)
+            else:
+                with torch.no_grad():
+                    var, mean = torch.var_mean(x.detach().to(acc), dim=dims, correction=0)
+                    rstd = torch.rsqrt(var + module.eps)
+            if mode == "detached":
+                shape = [1, -1] + [1] * (x.dim() - 2)
+                y = (x - mean.to(x.dtype).view(shape)) * rstd.to(x.dtype).view(shape)
+                if module.weight is not None:
+                    y = y * module.weight.view(shape) + module.bias.view(shape)
+                replace = y
+        return {"x": x, "mean": mean.reshape(1, -1), "rstd": rstd.reshape(1, -1)}, replace
+
+    def sq_norms(self, module, state, grad_out, backend):
+        x = state["x"]
+        B, C = x.shape[:2]
+        x3 = x.reshape(B, C, -1)
+        g3 = grad_out.reshape(B, C, -1)
+        return _norm_sq(module, x3, g3, state["mean"].view(1, C, 1), state["rstd"].view(1, C, 1), backend)
+
+
+@register(nn.GroupNorm)
+class GroupNormRule(Rule):
+    """Statistics per (sample, group), stay differentiated in every mode (they are per sample)."""
+
+    def capture(self, module, x, output, mode):
+        B, G = x.shape[0], module.num_groups
+        acc = _acc(x)
+        saved = _saved_stats(output, "NativeGroupNormBackward0")
+        if saved is not None and saved[0].numel() == B * G:
+            mean, rstd = saved[0].detach().to(acc).reshape(B, G), saved[1].detach().to(acc).reshape(B, G)
+        else:
+            with torch.no_grad():
+                var, mean = torch.var_mean(x.detach().to(acc).reshape(B, G, -1), dim=2, correction=0)
+                rstd = torch.rsqrt(var + module.eps)
+        return {"x": x, "mean": mean, "rstd": rstd}, None
+
+    def sq_norms(self, module, state, grad_out, backend):
+        x = state["x"]
+        B, C = x.shape[:2]
+        per = C // module.num_groups
+        mean = state["mean"].repeat_interleave(per, dim=1).view(B, C, 1)
+        rstd = state["rstd"].repeat_interleave(per, dim=1).view(B, C, 1)
+        return _norm_sq(module, x.reshape(B, C, -1), grad_out.reshape(B, C, -1), mean, rstd, backend)
+
+
+@register(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+class InstanceNormRule(Rule):
+    """Statistics per (sample, channel) (or running statistics in eval with track_running_stats)."""
+
+    def capture(self, module, x, output, mode):
+        acc = _acc(x)
+        B, C = x.shape[:2]
+        if not module.training and module.track_running_stats and module.running_mean is not None:
+            mean = module.running_mean.detach().to(acc).clone().view(1, C)
+            rstd = torch.rsqrt(module.running_var.detach().to(acc) + module.eps).view(1, C)
+        else:
+            with torch.no_grad():
+                var, mean = torch.var_mean(x.detach().to(acc).reshape(B, C, -1), dim=2, correction=0)
+                rstd = torch.rsqrt(var + module.eps)
+        return {"x": x, "mean": mean, "rstd": rstd}, None
+
+    def sq_norms(self, module, state, grad_out, backend):
+        x = state["x"]
+        B, C = x.shape[:2]
+        return _norm_sq(module, x.reshape(B, C, -1), grad_out.reshape(B, C, -1),
+                        state["mean"].reshape(-1, C, 1), state["rstd"].reshape(-1, C, 1), backend)
+
+
+@register(nn.LayerNorm)
+class LayerNormRule(Rule):
+    """x [B, *lead, *normalized_shape]: rows t (lead positions) normalized over D; gamma/beta index
+    D, so norm_affine_grad_sq sees x as [B, D, T] with statistics per (sample, t)."""
+
+    def capture(self, module, x, output, mode):
+        acc = _acc(x)
+        B = x.shape[0]
+        saved = _saved_stats(output, "NativeLayerNormBackward0")
+        T = x[0].numel() // math.prod(module.normalized_shape)
+        if saved is not None and saved[0].numel() == B * T:
+            mean, rstd = saved[0].detach().to(acc).reshape(B, T), saved[1].detach().to(acc).reshape(B, T)
+        else:
+            with torch.no_grad():
+                var, mean = torch.var_mean(x.detach().to(acc).reshape(B, T, -1), dim=2, correction=0)
+                rstd = torch.rsqrt(var + module.eps)
+        return {"x": x, "mean": mean, "rstd": rstd}, None
+
+    def sq_norms(self, module, state, grad_out, backend):
+        x = state["x"]
+        B = x.shape[0]
+        D = math.prod(module.normalized_shape)
+        x3 = x.reshape(B, -1, D).transpose(1, 2)
+        g3 = grad_out.reshape(B, -1, D).transpose(1, 2)
+        T = x3.shape[2]
+        return _norm_sq(module, x3, g3, state["mean"].view(B, 1, T), state["rstd"].view(B, 1, T), backend)
+
+
+def supported_types() -> list[str]:
+    return sorted(t.__name__ for t in RULES)
