@@ -1,14 +1,101 @@
 """Exact per-sample gradient norms through BatchNorm's cross-sample coupling (mode="exact").
 
-Placeholder until the exact engine lands: the one-pass engine calls `exact_per_sample_grad_norms`
-for mode="exact".
+    exact_per_sample_grad_norms(model, loss_fn, inputs, targets, *, per_layer=False, backend=None,
+                                max_chunk=None) -> Tensor[B] | (Tensor[B], {name: Tensor[B]})
+
+g_i = d l_i(theta; X) / d theta with BatchNorm in train mode (batch statistics), the numbers of
+the autograd loop `reference.per_sample_grad_norms(..., mode="exact")`, in bounded memory.
+
+Paths (`exact_report` says which ran and why):
+- "coupled" (exact_coupled.py): BatchNorm statistics as variables, g_i = f_i + J^T v_i; the
+  per-sample part by torch.func.vmap over samples, J^T v_i by seed-batched backward passes of the
+  statistics only (or J's 2C rows per BatchNorm when 2C < B). Taken whenever it can vouch for the
+  model: every cross-sample coupling goes through BatchNorm modules (checked: the per-sample losses
+  with statistics held fixed must reproduce the batch forward's), and every op has a vmap rule.
+- "seed_batched" (exact_fallback.py): any model. One forward, then batched VJPs of chunks of
+  per-sample losses (is_grads_batched), or one seed at a time where an op has no batching rule.
+  Taken when "coupled" refuses; a warning (once per reason) says so.
+Both give the loop's numbers (the paths differ only by rounding); neither changes numbers silently.
+
+Dropout: one forward means one mask. Both paths use the masks of their single batch forward,
+as the autograd loop does after its one forward (with the same RNG state, the same masks).
+`max_chunk`: at most this many samples (seeds) per batched pass; None -> DEFAULT_CHUNK. Memory
+grows with the chunk, time falls with it. `backend` is accepted for the public signature; these
+paths run on PyTorch ops on the inputs' device.
+The model is left exactly as it was (training flags, buffers incl. BN running stats and
+num_batches_tracked, .grad, hooks).
 """
 from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ._checks import check_call, check_losses, result_dtype, trainable_parameters
+from ._state import preserved_model_state, set_mode
+
+DEFAULT_CHUNK = 16
+
+
+class ExactFallbackWarning(UserWarning):
+    """mode="exact" ran on the general seed-batched engine (same numbers, slower); says why."""
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=None, max_chunk=None,
+                 path="auto", route=None):
+    """Run mode="exact" and return (result, report): report = {"path": "coupled" | "seed_batched",
+    "reason": why the fallback ran ("" otherwise), "chunk": ..., "routes": per BatchNorm call}.
+
+    `path`: "auto" (coupled, falling back when it refuses), "coupled" (raise instead of falling
+    back) or "seed_batched". `route`: None, "B" or "S" (force the coupled path's route; tests).
+    """
+    from .exact_coupled import Unsupported, coupled_sq_norms
+    from .exact_fallback import seed_batched_sq_norms
+
+    args, B = check_call(model, loss_fn, inputs, targets, "exact", max_chunk, per_layer)
+    if path not in ("auto", "coupled", "seed_batched"):
+        raise ValueError(f"path must be 'auto', 'coupled' or 'seed_batched', got {path!r}")
+    named = trainable_parameters(model)
+    names = [n for n, _ in named]
+    params = [p for _, p in named]
+    out_dtype = result_dtype(model)
+    acc = _acc(out_dtype)
+    chunk = min(B, max_chunk or DEFAULT_CHUNK)
+    report = {"path": None, "reason": "", "chunk": chunk}
+    sq = None
+    with preserved_model_state(model), torch.enable_grad():
+        if path in ("auto", "coupled"):
+            set_mode(model, "exact")
+            try:
+                sq, info = coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk, route)
+                if sq is None:
+                    check_losses(info["losses"], B)
+                report.update(info)
+                report["path"] = "coupled"
+            except Unsupported as exc:
+                if path == "coupled":
+                    raise
+                report["reason"] = str(exc)
+                warnings.warn(f"bnmem exact mode: the coupled fast path does not apply ({exc}); running the general "
+                              "seed-batched engine (same numbers, slower)", ExactFallbackWarning, stacklevel=3)
+        if sq is None:
+            set_mode(model, "exact")
+            # the coupled attempt may have drawn dropout masks: the fallback draws its own, as one
+            # fresh forward does
+            losses = check_losses(loss_fn(model(*args), targets), B)
+            sq = seed_batched_sq_norms(losses, names, params, acc, chunk)
+            report["path"] = "seed_batched"
+    total = torch.stack(list(sq.values())).sum(0).sqrt().to(out_dtype)
+    result = total if not per_layer else (total, {n: v.sqrt().to(out_dtype) for n, v in sq.items()})
+    return result, report
 
 
 def exact_per_sample_grad_norms(model, loss_fn, inputs, targets, *, per_layer=False, backend=None,
                                 max_chunk=None):
-    raise NotImplementedError(
-        "mode='exact' (exact per-sample gradient norms through BatchNorm's batch coupling) is not "
-        "available yet; use bnmem_kernels.reference.per_sample_grad_norms(..., mode='exact') (the "
-        "autograd loop) meanwhile")
+    """Exact per-sample gradient norms (BatchNorm's batch coupling included); see the module doc."""
+    return exact_report(model, loss_fn, inputs, targets, per_layer=per_layer, backend=backend,
+                        max_chunk=max_chunk)[0]

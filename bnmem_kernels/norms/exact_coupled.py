@@ -1,0 +1,299 @@
+"""Exact per-sample gradients by treating BatchNorm's batch statistics as variables (MATH.md).
+
+With s = (mu_k, var_k) the batch statistics of every BatchNorm call k, l_i(theta; X) =
+F_i(theta, s(theta, X)), where F_i, the loss of sample i with the statistics held fixed, depends
+on sample i alone. Hence (chain rule, s total functions of theta)
+
+    g_i = f_i + J^T v_i,   f_i = dF_i/dtheta,  v_i = dF_i/ds,  J = ds/dtheta (total derivative).
+
+Three phases, all exact:
+1. One forward of the whole batch in train mode in which every BatchNorm computes its statistics
+   explicitly (recorded with their autograd graph: J) and every nn.Dropout draws its mask once
+   (recorded: one forward means one mask, the mask the autograd loop would see).
+2. Per sample, F_i with the recorded statistics and masks injected: torch.func.vmap(grad) over
+   chunks of samples gives f_i and v_i (the per-sample head, never recomputed per seed).
+3. J^T v_i per BatchNorm call k: either seed-batched backward passes of the statistics with the
+   seeds v_ik (one per sample, "B route"), or 2 C_k passes forming J_k's rows once, then a GEMM
+   with V_k ("S route"); per call the smaller of B and 2 C_k (S route only while J_k fits a
+   memory budget). Passes for a low BatchNorm only traverse the graph below it.
+The per-parameter squared norms ||f_i + J^T v_i||^2 are formed per chunk of samples, so at most a
+chunk x P slab of gradients is alive (plus J_k for S-route calls).
+
+It refuses (raises Unsupported, and the caller falls back to the seed-batched VJP engine) when it
+cannot be sure: vmap fails on some op, targets that are not a batch tensor, or the per-sample
+losses of phase 2 differ from the batch forward's (a cross-sample coupling other than BatchNorm
+modules, e.g. a functional batch_norm or dropout call inside a custom forward).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+import torch.nn as nn
+
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+# S route only while J_k (2 C_k x P entries) stays below this many bytes.
+S_ROUTE_BYTES = 256 * 2**20
+# phase-2 per-sample losses must reproduce the batch forward's to this relative accuracy
+_LOSS_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+class Unsupported(Exception):
+    """This engine cannot vouch for the model; the message says why (the caller falls back)."""
+
+
+class _Tape:
+    """Phase 1 records BatchNorm statistics and dropout masks in call order; phase 2 replays them."""
+
+    def __init__(self):
+        self.recording = True
+        self.stats: list = []      # [(module, mu [C], var [C])], with graph
+        self.masks: list = []      # [mask [B, ...]]
+        self.replay_stats: list = []
+        self.replay_masks: list = []
+        self.k_stats = 0
+        self.k_masks = 0
+        self.bn_inputs: list = []
+        self.outputs: list = []     # (Linear/Conv module, its output) in phase 1   # the tensors the BatchNorm calls received (phase 1)
+
+    def replay(self, stats, masks):
+        self.recording = False
+        self.replay_stats, self.replay_masks = stats, masks
+        self.k_stats = self.k_masks = 0
+
+
+def _bn_forward(module, tape):
+    def forward(x):
+        if not (module.training or module.running_mean is None):
+            raise Unsupported(f"BatchNorm {type(module).__name__} is in eval mode inside a train-mode forward")
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if tape.recording:
+            tape.bn_inputs.append(x)
+            x = x.view_as(x)          # one entry edge into the producer's graph node (see _zero_biases)
+            dims = [0] + list(range(2, x.dim()))
+            if x.numel() // x.shape[1] <= 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+            mu = x.mean(dims)
+            var = (x - mu.view(shape)).square().mean(dims)
+            tape.stats.append((module, mu, var))
+        else:
+            if tape.k_stats >= len(tape.replay_stats):
+                raise Unsupported("BatchNorm called more often than in the batch forward")
+            mu, var = tape.replay_stats[tape.k_stats]
+            tape.k_stats += 1
+        y = (x - mu.view(shape)) * torch.rsqrt(var.view(shape) + module.eps)
+        if module.weight is not None:
+            y = y * module.weight.view(shape)
+        if module.bias is not None:
+            y = y + module.bias.view(shape)
+        return y
+    return forward
+
+
+def _dropout_forward(module, tape):
+    orig = type(module).forward
+
+    def forward(x):
+        if not module.training:
+            return x
+        if tape.recording:
+            mask = orig(module, torch.ones_like(x)).detach()   # same shape -> the same random draws
+            tape.masks.append(mask)
+        else:
+            if tape.k_masks >= len(tape.replay_masks):
+                raise Unsupported("dropout called more often than in the batch forward")
+            mask = tape.replay_masks[tape.k_masks]
+            tape.k_masks += 1
+        return x * mask
+    return forward
+
+
+@contextlib.contextmanager
+def _patched(model, tape):
+    patched = []
+    handles = []
+    try:
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+                handles.append(m.register_forward_hook(
+                    lambda mod, a, o: tape.outputs.append((mod, o)) if tape.recording else None))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.forward = _bn_forward(m, tape)
+                patched.append(m)
+            elif isinstance(m, _DROPOUTS):
+                m.forward = _dropout_forward(m, tape)
+                patched.append(m)
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+        for h in handles:
+            h.remove()
+
+
+def _consumer_counts(root) -> dict:
+    """For every autograd node reachable from `root`: how many edges point to it."""
+    counts: dict = {}
+    seen = {root}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            counts[child] = counts.get(child, 0) + 1
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return counts
+
+
+def _zero_biases(model, tape, losses, names) -> list:
+    """Names of biases whose output feeds one BatchNorm (train mode) and nothing else: BN removes any
+    per-channel shift of its input, so their exact per-sample gradient is exactly zero (MATH.md).
+    Proven from the graph: the BatchNorm's input is the module's output tensor itself and the node
+    producing it has exactly one consumer (the BatchNorm's entry view)."""
+    if losses.grad_fn is None:
+        return []
+    counts = _consumer_counts(losses.grad_fn)
+    by_id = {id(p): n for n, p in zip(names, [dict(model.named_parameters())[n] for n in names])}
+    out = []
+    for module, produced in tape.outputs:
+        bias = getattr(module, "bias", None)
+        if not isinstance(bias, torch.nn.Parameter) or id(bias) not in by_id:
+            continue
+        if any(produced is x for x in tape.bn_inputs) and produced.grad_fn is not None \
+                and counts.get(produced.grad_fn, 0) == 1:
+            out.append(by_id[id(bias)])
+    return out
+
+
+def _chunks(B, c):
+    return [list(range(s, min(B, s + c))) for s in range(0, B, c)]
+
+
+def batched_seeds_default(device) -> bool:
+    """Seed-batched backward (is_grads_batched, one vmapped pass per chunk) on GPUs; one pass per seed on
+    CPU, where the batching rules of the convolution backward make the batched pass ~3x slower than
+    the passes one by one (measured, torch 2.13, 2 threads)."""
+    return torch.device(device).type != "cpu"
+
+
+def _batched_vjp(outputs, params, seeds, batched=True):
+    """sum_k J_k^T seeds_k for a batch of seeds ([c, *out.shape] each) -> [c, *p.shape] or None per param."""
+    if batched and seeds[0].shape[0] > 1:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(batching rule|performance drop|vmap).*")
+            try:
+                return torch.autograd.grad(outputs, params, grad_outputs=seeds, is_grads_batched=True,
+                                           retain_graph=True, allow_unused=True)
+            except (RuntimeError, NotImplementedError):   # an op without a batching rule: one by one
+                pass
+    per = [torch.autograd.grad(outputs, params, grad_outputs=[s[r] for s in seeds], retain_graph=True,
+                               allow_unused=True) for r in range(seeds[0].shape[0])]
+    return [None if per[0][q] is None else torch.stack([g[q] for g in per]) for q in range(len(params))]
+
+
+def coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk, route=None, batched=None):
+    """{name: [B] squared exact per-sample gradient norms}, plus a dict describing what ran.
+
+    `route`: None (per BatchNorm call, the cheaper of "B" and "S"), or force "B" / "S" (tests).
+    Raises Unsupported when it cannot vouch for the model. Caller sets train mode and restores state.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    if batched is None:
+        batched = batched_seeds_default(args[0].device)
+
+    if targets is not None and not isinstance(targets, torch.Tensor):
+        raise Unsupported(f"targets of type {type(targets).__name__} cannot be split per sample")
+    tape = _Tape()
+    with _patched(model, tape):
+        # phase 1: the batch forward, statistics with their graph
+        losses = loss_fn(model(*args), targets)
+        if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (B,):
+            return None, {"losses": losses}     # the caller's check_losses reports it
+        zero = _zero_biases(model, tape, losses, names)
+        tape.outputs, tape.bn_inputs = [], []
+        stats = [(mu, var) for _, mu, var in tape.stats]
+        masks = list(tape.masks)
+        stat_leaves = [t.detach() for pair in stats for t in pair]
+        pdict = {n: p.detach() for n, p in zip(names, params)}
+
+        def F(pd, st, mk, xs, t):
+            tape.replay([(st[2 * k], st[2 * k + 1]) for k in range(len(st) // 2)],
+                        [m.unsqueeze(0) for m in mk])
+            out = functional_call(model, pd, tuple(x.unsqueeze(0) for x in xs))
+            loss = loss_fn(out, None if t is None else t.unsqueeze(0))
+            if tape.k_stats != len(tape.replay_stats) or tape.k_masks != len(tape.replay_masks):
+                raise Unsupported("the per-sample forward did not call every BatchNorm/dropout of the batch forward")
+            loss = loss.reshape(())
+            return loss, loss.detach()
+
+        in_dims = (None, None, 0, 0, None if targets is None else 0)
+        per_sample = vmap(grad(F, argnums=(0, 1), has_aux=True), in_dims=in_dims)
+        dt = params[0].dtype
+        rtol = _LOSS_RTOL.get(dt, 1e-2)
+        lscale = losses.detach().abs().mean() + torch.finfo(losses.dtype).tiny
+
+        # phase 3 plan: per BatchNorm call, B route (seeds v_i) or S route (J_k's 2 C_k rows)
+        P = sum(p.numel() for p in params)
+        plan = []
+        for k, (mu, var) in enumerate(stats):
+            C = mu.numel()
+            s_ok = 2 * C * P * params[0].element_size() <= S_ROUTE_BYTES
+            r = route or ("S" if (2 * C < B and s_ok) else "B")
+            if not mu.requires_grad:
+                r = "none"      # statistics of an input no parameter feeds: J_k = 0
+            plan.append(r)
+        J = {}
+        for k, r in enumerate(plan):
+            if r != "S":
+                continue
+            mu, var = stats[k]
+            C = mu.numel()
+            eye = torch.eye(2 * C, dtype=mu.dtype, device=mu.device)
+            rows = [None] * len(params)
+            for ch in _chunks(2 * C, chunk):
+                e = eye[ch]
+                g = _batched_vjp([mu, var], params, [e[:, :C], e[:, C:]], batched)
+                rows = [None if gq is None else (gq if rq is None else torch.cat([rq, gq])) for rq, gq in zip(rows, g)]
+            J[k] = rows                     # per param [2C, *p.shape]
+        b_calls = [k for k, r in enumerate(plan) if r == "B"]
+
+        sq = {n: torch.zeros(B, dtype=acc, device=losses.device) for n in names}
+        for ch in _chunks(B, chunk):
+            idx = torch.tensor(ch, device=losses.device)
+            xs = [a[idx] for a in args]
+            t = None if targets is None else targets[idx]
+            mk = [m[idx] for m in masks]
+            try:
+                (f, v), l2 = per_sample(pdict, stat_leaves, mk, xs, t)
+            except Unsupported:
+                raise
+            except Exception as exc:   # no vmap rule, data-dependent control flow, ...
+                raise Unsupported(f"per-sample vmap failed: {type(exc).__name__}: {exc}") from exc
+            l1 = losses.detach()[idx]
+            if not bool(((l2 - l1).abs() <= rtol * (l1.abs() + lscale)).all()):
+                raise Unsupported("the per-sample losses with BatchNorm statistics held fixed differ from the batch "
+                                  "forward's: the model couples samples other than through BatchNorm modules")
+            jtv = [None] * len(params)
+            for k in J:
+                Vk = torch.cat([v[2 * k], v[2 * k + 1]], dim=1)          # [c, 2C]
+                for q, Jq in enumerate(J[k]):
+                    if Jq is not None:
+                        add = (Vk @ Jq.reshape(Jq.shape[0], -1)).reshape(len(ch), *Jq.shape[1:])
+                        jtv[q] = add if jtv[q] is None else jtv[q] + add
+            if b_calls:
+                outs = [t_ for k in b_calls for t_ in stats[k]]
+                seeds = [v[2 * k + j] for k in b_calls for j in (0, 1)]
+                g = _batched_vjp(outs, params, seeds, batched)
+                jtv = [gq if jq is None else (jq if gq is None else jq + gq) for jq, gq in zip(jtv, g)]
+            for q, n in enumerate(names):
+                gi = f[n] if jtv[q] is None else f[n] + jtv[q]
+                sq[n][ch] = gi.to(acc).reshape(len(ch), -1).square().sum(1)
+    for n in zero:
+        sq[n].zero_()
+    info = {"bn_calls": len(stats), "routes": plan, "dropout_masks": len(masks), "zero_biases": zero}
+    return sq, info
