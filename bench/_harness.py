@@ -162,14 +162,20 @@ def run_or_record(benchmark, fn, *args, rounds: int | None = None, warmup_rounds
                               iterations=iterations)
 
 
-def close_unfinished(session_benchmarks: list) -> None:
+INTERRUPTED = "interrupted before a round finished (time limit or Ctrl-C)"
+
+
+def close_unfinished(session_benchmarks: list, running=None) -> None:
     """Session end (bench/conftest.py): a benchmark stopped mid-timing (SIGINT from a time limit,
     Ctrl-C) has rows without data, which would crash pytest-benchmark's JSON writer and lose every
-    row; make each an "error" row saying so."""
+    row; make each an "error" row saying so. `running`: the fixture of the test that was running
+    when the session stopped; stopped before its timing began (calibration, set-up), it gets a row too."""
+    if running is not None and running.stats is None and not running.extra_info.get("status"):
+        _add_row(running, "error", INTERRUPTED)
     for meta in session_benchmarks:
         if not meta.stats.data:
             meta.extra_info.setdefault("status", "error")
-            meta.extra_info.setdefault("error", "interrupted before a round finished (time limit or Ctrl-C)")
+            meta.extra_info.setdefault("error", INTERRUPTED)
             meta.name += f" [{meta.extra_info['status']}]"
             meta.update(0.0)
             meta.fixture.has_error = False

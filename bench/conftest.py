@@ -69,7 +69,7 @@ def pytest_runtest_makereport(item, call):
 def pytest_sessionfinish(session, exitstatus):
     bs = getattr(session.config, "_benchmarksession", None)
     if bs is not None:  # before pytest-benchmark writes the JSON
-        _harness.close_unfinished(bs.benchmarks)
+        _harness.close_unfinished(bs.benchmarks, getattr(session.config, "_bnmem_running", None))
     yield
 
 
@@ -77,5 +77,7 @@ def pytest_sessionfinish(session, exitstatus):
 def benchmark(benchmark, request):
     """pytest-benchmark's fixture with peak memory and failure rows (bench/_harness.py)."""
     fixture = _harness.install(benchmark)
+    request.config._bnmem_running = fixture  # for a session stopped mid-test (pytest_sessionfinish)
     yield fixture
+    request.config._bnmem_running = None
     _harness.after_test(fixture, getattr(request.node, "_bnmem_call_report", None))

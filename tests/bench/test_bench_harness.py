@@ -119,7 +119,20 @@ def test_interrupted_rows_are_kept():
     done = SimpleNamespace(**dict(vars(fx), name="test_done", extra_info={}))
     unfinished, finished = Metadata(fx, iterations=1, options={}), Metadata(done, iterations=1, options={})
     finished.update(0.5)
-    harness.close_unfinished([unfinished, finished])
+    metas = [unfinished, finished]
+    # the test running when the session stopped, still calibrating (no Metadata yet)
+    running = SimpleNamespace(**dict(vars(fx), name="test_calibrating", extra_info={"role": "bnmem"}),
+                              disabled=False, stats=None, _mode="benchmark(...)")
+
+    def make_stats(iterations):
+        running.stats = Metadata(running, iterations=iterations, options={})
+        metas.append(running.stats)
+        return running.stats
+
+    running._make_stats = make_stats
+    harness.close_unfinished(metas, running)
+    assert metas[-1].name == "test_calibrating [error]" and running.extra_info["status"] == "error"
+    assert metas[-1].as_dict()["stats"]["rounds"] == 1
     assert unfinished.as_dict()["stats"]["median"] == 0.0 and unfinished.name == "test_slow [error]"
     assert fx.extra_info["status"] == "error" and "interrupted" in fx.extra_info["error"]
     assert finished.name == "test_done" and finished.stats.data == [0.5] and "status" not in done.extra_info
