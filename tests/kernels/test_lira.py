@@ -1,0 +1,312 @@
+"""lira_scores / logit_confidence / rmia_scores vs the numpy/scipy loop oracle, on every backend."""
+import functools
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from bnmem_kernels import lira
+from bnmem_kernels.ops import lira_scores as ops_ls
+from bnmem_kernels.reference import lira as ref
+from bnmem_kernels.testing import backend_params, device_backend_params
+
+# the Triton interpreter evaluates masked lanes (log(0), inf - inf) through numpy, which warns
+pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")]
+
+# online: per_example/global x mean/median; offline: x one_sided/logpdf
+VARIANTS = [(True, v, c, "one_sided") for v in ("per_example", "global") for c in ("mean", "median")] + \
+           [(False, v, c, s) for v in ("per_example", "global") for c in ("mean", "median")
+            for s in ("one_sided", "logpdf")]
+VID = [("on" if o else "off") + f"-{v}-{c}" + ("" if o else f"-{s}") for o, v, c, s in VARIANTS]
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+# (M, N, A, balanced): M = 2.., A = 1, odd sizes
+SHAPES = [(2, 5, 1, True), (3, 7, 2, False), (6, 9, 3, True), (7, 13, 1, False), (16, 33, 2, False)]
+TRITON_SHAPES = [(5, 6, 2, False), (4, 3, 1, True)]
+
+
+def make_data(M, N, A, balanced, seed=0, ties=False):
+    g = torch.Generator().manual_seed(seed * 1000 + M * 100 + N * 10 + A)
+    if balanced:  # every example in exactly half the models (floor)
+        keep = torch.zeros(M, N, dtype=torch.bool)
+        for n in range(N):
+            keep[torch.randperm(M, generator=g)[: M // 2], n] = True
+    else:
+        keep = torch.rand(M, N, generator=g) < 0.3
+    conf = torch.randn(M, N, A, generator=g, dtype=torch.float64) * 2 + 3 * keep[..., None]
+    if ties:
+        conf = conf.round()
+    return conf, keep
+
+
+@functools.lru_cache(maxsize=None)
+def oracle(M, N, A, balanced, variant, dtype, ties=False):
+    conf, keep = make_data(M, N, A, balanced, ties=ties)
+    o, v, c, s = variant
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ref.lira_scores_loop(conf.to(dtype).double().numpy(), keep.numpy(), online=o, variance=v,
+                                    center=c, offline_stat=s)
+
+
+def norm_err(actual, expected):
+    """max |a - e| / max |e| over the entries both define; NaN patterns must agree exactly."""
+    a = actual.double().cpu().numpy()
+    assert np.array_equal(np.isnan(a), np.isnan(expected)), "NaN pattern differs from the oracle"
+    ok = ~np.isnan(expected)
+    if not ok.any():
+        return 0.0
+    return float(np.abs(a[ok] - expected[ok]).max() / np.abs(expected[ok]).max())
+
+
+def run(conf, keep, variant, backend):
+    o, v, c, s = variant
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return lira.lira_scores(conf, keep, online=o, variance=v, center=c, offline_stat=s, backend=backend)
+
+
+def check_shape(shape, variant, dtype, backend, ties=False, noncontig=False, device="cpu"):
+    M, N, A, bal = shape
+    conf, keep = make_data(M, N, A, bal, ties=ties)
+    conf, keep = conf.to(device), keep.to(device)
+    valid = ref.valid_mask(keep, variant[0], variant[1])
+    if not valid.any():
+        with pytest.raises(ValueError, match="no score can be formed"):
+            run(conf.to(dtype), keep, variant, backend)
+        return 0.0
+    x = conf.to(dtype)
+    if noncontig:
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+        keep = keep.t().contiguous().t()
+        assert not x.is_contiguous()
+    got = run(x, keep, variant, backend)
+    assert got.shape == (M, N) and got.dtype == dtype
+    return norm_err(got, oracle(M, N, A, bal, variant, dtype, ties))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=VID)
+@pytest.mark.parametrize("backend", backend_params("cpu", ("cpu", "reference")))
+def test_lira_vs_loop(backend, variant, dtype):
+    errs = [check_shape(s, variant, dtype, backend) for s in SHAPES]
+    if variant[1] == "global":  # ties (medians of duplicates); per-example stds of tied values can be 0
+        errs.append(check_shape((9, 11, 2, False), variant, dtype, backend, ties=True))
+    errs.append(check_shape((7, 13, 2, False), variant, dtype, backend, noncontig=True))
+    assert max(errs) <= RTOL[dtype], errs
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=VID)
+@pytest.mark.parametrize("backend", backend_params("cpu", ("triton",)))
+def test_lira_triton_vs_loop(backend, variant, dtype):
+    errs = [check_shape(s, variant, dtype, backend) for s in TRITON_SHAPES]
+    if dtype == torch.float64:
+        errs.append(check_shape((5, 4, 2, False), variant, dtype, backend, ties=variant[1] == "global",
+                                noncontig=True))
+    assert max(errs) <= RTOL[dtype], errs
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=VID)
+@pytest.mark.parametrize("device,backend", [p for p in device_backend_params(("cuda", "triton"))
+                                            if p.id.startswith("cuda")])
+def test_lira_cuda_vs_loop(device, backend, variant, dtype):
+    shapes = SHAPES + [(64, 257, 3, True), (100, 45, 2, False)]
+    errs = [check_shape(s, variant, dtype, backend, device=device) for s in shapes]
+    if variant[1] == "global":
+        errs.append(check_shape((9, 11, 2, False), variant, dtype, backend, ties=True, device=device))
+    errs.append(check_shape((7, 13, 2, False), variant, dtype, backend, noncontig=True, device=device))
+    assert max(errs) <= RTOL[dtype], errs
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backend_params(("cuda", "triton"))
+                                            if p.id.startswith("cuda")])
+def test_logit_confidence_cuda(device, backend):
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        z = (torch.randn(37, 1000, generator=g, dtype=torch.float64) * 4).to(dtype)
+        y = torch.randint(0, 1000, (37,), generator=g)
+        want = lira.logit_confidence(z, y, backend="reference")
+        got = lira.logit_confidence(z.to(device), y.to(device), backend=backend).cpu()
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        assert ((got.double() - want.double()).abs() / want.double().abs().clamp_min(1.0)).max() <= tol
+    z = torch.tensor([[1000.0, -1000.0, 0.0]] * 3, device=device)
+    got = lira.logit_confidence(z, torch.tensor([0, 1, 2], device=device), backend=backend)
+    assert got.tolist() == [1000.0, -2000.0, -1000.0]
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu", ("cpu", "reference")))
+def test_half_inputs_are_widened(backend):
+    conf, keep = make_data(6, 9, 2, False)
+    for dt in (torch.float16, torch.bfloat16):
+        x = conf.to(dt)
+        got = run(x, keep, VARIANTS[0], backend)
+        want = run(x.float(), keep, VARIANTS[0], backend)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+
+
+def test_loo_median_by_index_arithmetic_matches_np_median():
+    g = torch.Generator().manual_seed(3)
+    for M in range(2, 12):
+        x = torch.randint(0, 4, (M, 5, 1), generator=g).double()  # heavy ties
+        grp = torch.rand(M, 5, 1, generator=g) < 0.6
+        got = ref._loo_median(x, grp)
+        for t in range(M):
+            for n in range(5):
+                vals = [x[m, n, 0].item() for m in range(M) if grp[m, n, 0] and m != t]
+                if vals:
+                    assert got[t, n, 0].item() == np.median(vals)
+
+
+def test_too_few_models_warns_once_with_count():
+    conf, keep = make_data(6, 10, 1, True)
+    keep[:, 0] = True  # example 0: no out-model at all
+    keep[:5, 1] = False  # example 1: one in-model (none without it as target)
+    with pytest.warns(RuntimeWarning, match=r"of 60 scores \(in 2 example\(s\)\) are NaN") as rec:
+        s = lira.lira_scores(conf, keep, backend="reference")
+    assert len(rec) == 1
+    assert s[:, 0].isnan().all() and s[:, 1].isnan().all() and not s[:, 2:].isnan().any()
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu", ("cpu", "reference")))
+def test_m2_only_offline_global_can_score(backend):
+    conf, keep = make_data(2, 6, 2, True)  # one in, one out model per example
+    with pytest.raises(ValueError, match="no score can be formed"):
+        lira.lira_scores(conf, keep, backend=backend)
+    with pytest.raises(ValueError, match="no score can be formed"):
+        lira.lira_scores(conf, keep, variance="global", backend=backend)  # online: no in- AND out-model
+    with pytest.warns(RuntimeWarning, match=r"6 of 12 scores"):
+        s = lira.lira_scores(conf, keep, online=False, variance="global", backend=backend)
+    assert torch.isfinite(s[keep]).all() and s[~keep].isnan().all()  # the other model is out iff t is in
+
+
+def test_bad_inputs():
+    conf, keep = make_data(4, 5, 2, True)
+    with pytest.raises(TypeError, match="keep must be a bool"):
+        lira.lira_scores(conf, keep.int())
+    with pytest.raises(TypeError, match="conf must be a floating"):
+        lira.lira_scores(conf.long(), keep)
+    with pytest.raises(ValueError, match=r"keep must be \[M, N\]"):
+        lira.lira_scores(conf, keep[:, :4])
+    with pytest.raises(ValueError, match=r"\[M, N, A\]"):
+        lira.lira_scores(conf[..., 0], keep)
+    with pytest.raises(ValueError, match="M >= 2"):
+        lira.lira_scores(conf[:1], keep[:1])
+    for kw in ({"variance": "fixed"}, {"center": "mode"}, {"offline_stat": "two"}):
+        with pytest.raises(ValueError, match=list(kw)[0]):
+            lira.lira_scores(conf, keep, **kw)
+    bad = conf.clone()
+    bad[1, 2, 0] = float("nan")
+    bad[3, 4, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"2 non-finite value\(s\).*\(1, 2, 0\), \(3, 4, 1\)"):
+        lira.lira_scores(bad, keep)
+    with pytest.raises(ValueError, match="unknown backend"):
+        lira.lira_scores(conf, keep, backend="gpu")
+
+
+def test_higher_means_member():
+    conf, keep = make_data(16, 40, 2, True)
+    s = lira.lira_scores(conf, keep, backend="reference")
+    assert s[keep].mean() > s[~keep].mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("backend", backend_params("cpu", ("cpu", "triton", "reference")))
+def test_logit_confidence_vs_softmax(backend, dtype):
+    g = torch.Generator().manual_seed(1)
+    tol = {torch.float64: 1e-10}.get(dtype, 1e-5)
+    for shape, K in (((3, 5), 11), ((1,), 2), ((), 7), ((4, 2, 3), 33)):
+        z = (torch.randn(*shape, K, generator=g, dtype=torch.float64) * 4).to(dtype)
+        y = torch.randint(0, K, shape, generator=g)
+        p = torch.softmax(z.double(), -1).gather(-1, y[..., None]).squeeze(-1)
+        want = torch.log(p / (1 - p))
+        got = lira.logit_confidence(z, y, backend=backend)
+        assert got.shape == y.shape and got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        err = ((got.double() - want).abs() / want.abs().clamp_min(1.0)).max().item()
+        assert err <= tol, (shape, K, err)
+    # non-contiguous logits
+    z = torch.randn(6, 40, generator=g).to(dtype)[:, ::2]
+    y = torch.randint(0, 20, (6,), generator=g)
+    torch.testing.assert_close(lira.logit_confidence(z, y, backend=backend),
+                               lira.logit_confidence(z.contiguous(), y, backend="reference"), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu", ("cpu", "triton", "reference")))
+def test_logit_confidence_huge_logits(backend):
+    z = torch.tensor([[1000.0, -1000.0, 0.0]] * 3 + [[-float("inf"), 3.0, -float("inf")]])
+    y = torch.tensor([0, 1, 2, 1])
+    got = lira.logit_confidence(z, y, backend=backend)
+    assert got[:3].tolist() == [1000.0, -2000.0, -1000.0]
+    assert got[3].item() == float("inf")
+
+
+def test_logit_confidence_bad_inputs():
+    z, y = torch.randn(4, 5), torch.randint(0, 5, (4,))
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        lira.logit_confidence(z, y.float())
+    with pytest.raises(ValueError, match="same leading shape"):
+        lira.logit_confidence(z, y[:3])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+        lira.logit_confidence(z, y + 5)
+    with pytest.raises(ValueError, match="K >= 2"):
+        lira.logit_confidence(z[:, :1], torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="logits must be a floating"):
+        lira.logit_confidence(z.long(), y)
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_rmia_vs_loop(offline):
+    conf, keep = make_data(7, 23, 2, False)
+    prob = torch.sigmoid(conf)
+    pop = torch.arange(23) % 3 != 0
+    for gamma, a, population in ((1.0, 0.3, None), (2.0, 0.5, pop), (0.5, 0.0, None)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            got = lira.rmia_scores(prob, keep, population, gamma=gamma, a=a, offline=offline)
+        want = ref.rmia_scores_loop(prob.numpy(), keep.numpy(), None if population is None else population.numpy(),
+                                    gamma=gamma, a=a, offline=offline)
+        assert norm_err(got, want) <= 1e-12
+    assert got[keep].nanmean() > got[~keep].nanmean()
+
+
+def test_rmia_bad_inputs():
+    conf, keep = make_data(4, 5, 1, True)
+    with pytest.raises(ValueError, match="probabilities in"):
+        lira.rmia_scores(conf, keep)
+    with pytest.raises(TypeError, match="population must be a bool"):
+        lira.rmia_scores(torch.sigmoid(conf), keep, torch.ones(5))
+    with pytest.raises(ValueError, match="gamma"):
+        lira.rmia_scores(torch.sigmoid(conf), keep, gamma=0.0)
+
+
+def _opcheck_args():
+    conf, keep = make_data(6, 7, 2, True)  # every score defined (opcheck compares without equal_nan)
+    gstd = ref.global_std(conf, keep)
+    return [(conf, keep, None, True, False, False), (conf.float(), keep, gstd.float(), True, True, False),
+            (conf, keep, gstd, False, True, False), (conf, keep, None, False, False, True)]
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu", ("cpu",)))
+def test_opcheck_compiled(backend):
+    op = ops_ls.compiled_op()
+    for args in _opcheck_args():
+        torch.library.opcheck(op, args)
+    from bnmem_kernels.ops import logit_confidence as lc
+
+    torch.library.opcheck(lc.compiled_op(), (torch.randn(6, 5), torch.randint(0, 5, (6,))))
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu", ("triton",)))
+def test_opcheck_triton(backend):
+    args = _opcheck_args()[1]
+    conf, keep = make_data(6, 3, 1, True)
+    torch.library.opcheck(ops_ls.lira_scores_triton, (conf, keep, None, False, False, True))
+    torch.library.opcheck(ops_ls.lira_scores_triton, args)
+    from bnmem_kernels.ops import logit_confidence as lc
+
+    torch.library.opcheck(lc.logit_confidence_triton, (torch.randn(3, 5), torch.randint(0, 5, (3,))))
