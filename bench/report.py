@@ -416,6 +416,8 @@ def write_plots(result: dict, out: Path) -> list:
         print(f"report: no plots ({exc})", file=sys.stderr)
         return []
     slug, written = result["slug"], []
+    for stale in [out / f"{slug}-speedup.png", *out.glob(f"{slug}-scaling-*.png")]:  # from an earlier run
+        stale.unlink(missing_ok=True)
     pairs = [(g, c) for g, grp in result["groups"].items() for c in grp["comparisons"]
              if c["headline"] and c["speedup"] is not None]
     if pairs:
