@@ -20,6 +20,9 @@ def norm_layer(norm: str, channels: int, *, conv: bool) -> nn.Module:
         return nn.GroupNorm(1, channels) if conv else nn.LayerNorm(channels)
     if norm == "none":
         return nn.Identity()
+    if norm.startswith("gbn"):  # ghost batch norm "gbn<virtual batch>", see ghost_bn.py
+        from .ghost_bn import ghost_norm_layer
+        return ghost_norm_layer(norm, channels, conv=conv)
     raise ValueError(f"unknown norm {norm!r}")
 
 
@@ -47,6 +50,9 @@ def build_model(arch: str, norm: str, shape, n_classes: int, width: int) -> nn.S
         return small_cnn(norm, c, side, n_classes, width)
     if arch == "mlp":
         return mlp(norm, c, side, n_classes, width)
+    if arch.startswith("resnet"):  # CIFAR-style ResNets, see resnet.py
+        from .resnet import build_resnet
+        return build_resnet(arch, norm, c, n_classes, width)
     raise ValueError(f"unknown arch {arch!r}")
 
 
