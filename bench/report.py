@@ -219,6 +219,18 @@ def headline_bnmem(rows: list) -> list:
     return [min(ok, key=lambda r: r["median_s"])] if ok else []
 
 
+def backend_comparisons(rows: list) -> list:
+    """Each bnmem backend row against the group's bnmem `reference` row (the plain-PyTorch definition)."""
+    kernel = [r for r in rows if r["role"] == "bnmem" and r["backend"] and not r["end_to_end"]]
+    ref = next((r for r in kernel if r["backend"] == "reference" and r["status"] == "ok"), None)
+    if ref is None:
+        return []
+    return [{"backend": r["label"], "status": r["status"], "error": r["error"], "median_s": r["median_s"],
+             "reference_median_s": ref["median_s"], "speedup_vs_reference": _ratio(ref["median_s"], r["median_s"]),
+             "mem_ratio_vs_reference": _ratio(r["peak_mem_bytes"], ref["peak_mem_bytes"])}
+            for r in kernel if r is not ref]
+
+
 def comparisons(rows: list) -> list:
     heads = {id(r) for r in headline_bnmem(rows)}
     out = []
@@ -278,7 +290,7 @@ def build_result(slug: str, run: dict) -> dict:
         g = sorted(groups[name], key=lambda r: (r["role"] != "bnmem", r["status"] != "ok",
                                                 r["median_s"] if r["median_s"] is not None else math.inf))
         _unique_labels(g)
-        result_groups[name] = {"rows": g, "comparisons": comparisons(g)}
+        result_groups[name] = {"rows": g, "comparisons": comparisons(g), "backends": backend_comparisons(g)}
     return {
         "schema": 1,
         "slug": slug,
@@ -317,6 +329,18 @@ def headline_table(result: dict) -> str:
     if not n:
         lines.append("| (no group with both a bnmem row and an alternative) | | | | | | |")
     return "\n".join(lines)
+
+
+def backends_table(result: dict) -> str:
+    lines = ["| group | backend | time | reference time | speedup vs reference | peak mem ÷ reference |",
+             "|---|---|---|---|---|---|"]
+    for group, g in result["groups"].items():
+        for c in g.get("backends", []):
+            time = fmt_time(c["median_s"]) if c["status"] == "ok" else f"{c['status']}: {c['error'] or ''}"
+            lines.append("| " + " | ".join(_cell(x) for x in (
+                group, c["backend"], time, fmt_time(c["reference_median_s"]), fmt_ratio(c["speedup_vs_reference"]),
+                fmt_ratio(c["mem_ratio_vs_reference"]))) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def rows_table(result: dict) -> str:
@@ -359,7 +383,10 @@ def markdown(result: dict) -> str:
              "CPU: torch's CPU allocator via the profiler). Speedup = alternative time ÷ bnmem time "
              "(> 1: bnmem is faster). The headline bnmem row of a group is the one marked headline, else "
              "its end-to-end row (same work as the alternatives), else its fastest row.", "",
-             "## bnmem vs alternatives", "", headline_table(result), "", "## All rows", "", rows_table(result)]
+             "## bnmem vs alternatives", "", headline_table(result), ""]
+    if backends_table(result):
+        parts += ["## bnmem backends vs the reference implementation", "", backends_table(result), ""]
+    parts += ["## All rows", "", rows_table(result)]
     if result.get("plots"):
         parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in result["plots"]]
     return "\n".join(parts) + "\n"

@@ -59,6 +59,7 @@ def _gpu_run():
 
 def _cpu_run():
     rows = [_bench("test_k", "k B4", 2e-5, {"role": "bnmem", "backend": "cpu", "shape": [4, 3]}, peak=64),
+            _bench("test_ref", "k B4", 8e-5, {"role": "bnmem", "backend": "reference", "shape": [4, 3]}, peak=128),
             _bench("test_alt", "k B4", 1e-4, {"role": "alternative", "name": "vmap", "shape": [4, 3]}, peak=4096)]
     mi = {"cpu": {"brand_raw": "AMD EPYC 7B13 64-Core Processor"}, "python_version": "3.11.7"}
     return {"machine_info": mi, "benchmarks": rows}
@@ -90,6 +91,13 @@ def test_report_end_to_end(report, inputs, tmp_path):
     gpu = json.loads((out / "nvidia-h200.json").read_text())
     cpu = json.loads((out / "amd-epyc-7b13.json").read_text())
     assert gpu["hardware"]["gpu"] == "NVIDIA H200" and cpu["hardware"]["gpu"] is None
+    (backend,) = cpu["groups"]["k B4"]["backends"]
+    assert backend["backend"] == "bnmem [cpu]" and math.isclose(backend["speedup_vs_reference"], 4.0)
+    assert math.isclose(backend["mem_ratio_vs_reference"], 0.5)
+    (head,) = [c for c in cpu["groups"]["k B4"]["comparisons"] if c["headline"]]  # fastest bnmem row
+    assert head["bnmem"] == "bnmem [cpu]" and math.isclose(head["speedup"], 5.0)
+    cpu_md = next(out.glob("amd-epyc-7b13.md")).read_text()
+    assert "| k B4 | bnmem [cpu] | 20 µs | 80 µs | 4× | 0.5× |" in cpu_md
 
     g = gpu["groups"]["toy B32_d16"]
     assert [r["role"] for r in g["rows"]][:2] == ["bnmem", "bnmem"]
@@ -101,6 +109,7 @@ def test_report_end_to_end(report, inputs, tmp_path):
     assert math.isclose(loop["mem_ratio"], 2000 / 500)
     kernel = next(c for c in g["comparisons"] if c["bnmem"] == "bnmem [cuda]" and c["alternative"] == "autograd loop")
     assert math.isclose(kernel["speedup"], 80.0) and not kernel["headline"]
+    assert g["backends"] == []  # no reference row in this group
     opacus = next(c for c in heads if c["alternative"] == "Opacus")
     assert opacus["alternative_status"] == "failed" and opacus["speedup"] is None
     assert "BatchNorm" in opacus["alternative_error"]
