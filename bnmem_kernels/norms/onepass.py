@@ -75,8 +75,16 @@ def install_capture_hooks(model, mode, handles, *, tap: bool, on_output=None):
             return out if (tap or replacement is not None) else None
         return hook
 
+    hooked = set()
     for name, m, rule in parameter_modules(model):
         handles.append(m.register_forward_hook(make_hook(name, rule)))
+        hooked.add(id(m))
+    if mode == "detached":   # BatchNorms without trainable parameters are detached too
+        def detach_only(module, args, output):
+            return _rules.BatchNormRule.detached_output(module, args[0])
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in hooked:
+                handles.append(m.register_forward_hook(detach_only))
     return captures
 
 

@@ -232,12 +232,25 @@ class BatchNormRule(Rule):
                     var, mean = torch.var_mean(x.detach().to(acc), dim=dims, correction=0)
                     rstd = torch.rsqrt(var + module.eps)
             if mode == "detached":
-                shape = [1, -1] + [1] * (x.dim() - 2)
-                y = (x - mean.to(x.dtype).view(shape)) * rstd.to(x.dtype).view(shape)
-                if module.weight is not None:
-                    y = y * module.weight.view(shape) + module.bias.view(shape)
-                replace = y
+                replace = self.detached_output(module, x, mean, rstd)
         return {"x": x, "mean": mean.reshape(1, -1), "rstd": rstd.reshape(1, -1)}, replace
+
+    @staticmethod
+    def detached_output(module, x, mean=None, rstd=None):
+        """BatchNorm's output with its batch statistics as constants: (x - mu) rstd gamma + beta, with
+        mu, rstd computed from x without autograd. Used for every BatchNorm in mode="detached",
+        with or without parameters. Returns None when the layer uses running statistics."""
+        if not (module.training or module.running_mean is None):
+            return None
+        if mean is None:
+            with torch.no_grad():
+                var, mean = torch.var_mean(x.detach().to(_acc(x)), dim=[0] + list(range(2, x.dim())), correction=0)
+                rstd = torch.rsqrt(var + module.eps)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        y = (x - mean.to(x.dtype).view(shape)) * rstd.to(x.dtype).view(shape)
+        if module.weight is not None:
+            y = y * module.weight.view(shape) + module.bias.view(shape)
+        return y
 
     def sq_norms(self, module, state, grad_out, backend):
         x = state["x"]

@@ -58,7 +58,7 @@ def _loop(losses, names, params, acc):
     return sq
 
 
-def _column(model, loss_fn, args, targets, names, params, acc, B):
+def _column(model, loss_fn, args, targets, names, params, acc, B, keep=None):
     owners = [(mn, m) for mn, m in model.named_modules()
               if any(p.requires_grad for p in m.parameters(recurse=False))]
     outs: dict[str, list] = {mn: [] for mn, _ in owners}
@@ -93,7 +93,24 @@ def _column(model, loss_fn, args, targets, names, params, acc, B):
             for p, g in zip(mparams, gs):
                 if g is not None:
                     sq[pname[id(p)]][i] = g.to(acc).square().sum()
+                    if keep is not None:
+                        keep.setdefault(pname[id(p)], torch.zeros((B,) + p.shape, dtype=p.dtype,
+                                                                  device=p.device))[i] = g
     return sq
+
+
+def column_per_sample_grads(model, loss_fn, inputs, targets):
+    """The column split itself: {parameter name: [B, *shape]} with sum over dim 0 == .grad of
+    sum_i l_i (train mode). Materializes B x P: for tests on small models only."""
+    args, B = check_call(model, loss_fn, inputs, targets, "column", None)
+    named = trainable_parameters(model)
+    names = [n for n, _ in named]
+    params = [p for _, p in named]
+    keep: dict = {}
+    with preserved_model_state(model), torch.enable_grad():
+        set_mode(model, "column")
+        _column(model, loss_fn, args, targets, names, params, accumulation_dtype(params[0].dtype), B, keep)
+    return {n: keep.get(n, torch.zeros((B,) + p.shape, dtype=p.dtype, device=p.device)) for n, p in named}
 
 
 def per_sample_grad_norms(model, loss_fn, inputs, targets, *, mode="exact", per_layer=False,
