@@ -1,5 +1,6 @@
 """Benchmark session setup (every bench/test_bench_*.py gets this without doing anything):
 
+* BNMEM_BENCH_THREADS=N sets the intra-op thread count (recorded in machine_info);
 * machine_info of the JSON records hardware and versions: `bnmem` (bnmem_kernels.info.collect():
   torch/triton/CUDA versions, what was built, backends) and `bnmem_hardware` (CPU model and count,
   memory, GPU name and memory) -- bench/report.py names the results file after it;
@@ -17,6 +18,11 @@ import _harness
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "0")  # never time the Triton interpreter
+
+# BNMEM_BENCH_THREADS=N: intra-op threads (torch and the extension's OpenMP) for the whole run. On a
+# machine shared with other work, N=1 avoids OpenMP barrier stalls that slow 2-thread runs 100x.
+if os.environ.get("BNMEM_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["BNMEM_BENCH_THREADS"]))
 
 
 def _cpu_model() -> str:

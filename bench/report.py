@@ -5,6 +5,7 @@
 For each hardware found in the inputs (slug from machine_info: the GPU name, else the CPU model and
 core count) it writes into --out:
   <slug>.json   per group: every row (median/min/mean/stddev time in s, rounds, peak memory in bytes,
+                `time_s` = the statistic chosen by --stat (median by default) that ratios use,
                 role, status, shape, B, device, extra_info) and every bnmem x alternative comparison:
                 `time_ratio` = bnmem / alternative (< 1: bnmem is faster), `speedup` = alternative /
                 bnmem, `mem_ratio` = bnmem peak / alternative peak;
@@ -183,6 +184,7 @@ def row_of(bench: dict) -> dict:
         "error": extra.get("error"),
         "name": bench.get("name"),
         "fullname": fullname,
+        "time_s": None,  # the statistic the ratios use (build_result: median or min)
         "median_s": t("median"), "min_s": t("min"), "mean_s": t("mean"), "stddev_s": t("stddev"),
         "rounds": stats.get("rounds") if ok else None,
         "peak_mem_bytes": _num(extra.get("peak_mem_bytes")) if ok else None,
@@ -216,7 +218,7 @@ def headline_bnmem(rows: list) -> list:
     for pick in ([r for r in ok if r["headline"]], [r for r in ok if r["end_to_end"]]):
         if pick:
             return pick
-    return [min(ok, key=lambda r: r["median_s"])] if ok else []
+    return [min(ok, key=lambda r: r["time_s"])] if ok else []
 
 
 def backend_comparisons(rows: list) -> list:
@@ -225,8 +227,8 @@ def backend_comparisons(rows: list) -> list:
     ref = next((r for r in kernel if r["backend"] == "reference" and r["status"] == "ok"), None)
     if ref is None:
         return []
-    return [{"backend": r["label"], "status": r["status"], "error": r["error"], "median_s": r["median_s"],
-             "reference_median_s": ref["median_s"], "speedup_vs_reference": _ratio(ref["median_s"], r["median_s"]),
+    return [{"backend": r["label"], "status": r["status"], "error": r["error"], "time_s": r["time_s"],
+             "reference_time_s": ref["time_s"], "speedup_vs_reference": _ratio(ref["time_s"], r["time_s"]),
              "mem_ratio_vs_reference": _ratio(r["peak_mem_bytes"], ref["peak_mem_bytes"])}
             for r in kernel if r is not ref]
 
@@ -240,16 +242,16 @@ def comparisons(rows: list) -> list:
             out.append({
                 "bnmem": b["label"], "alternative": alt["label"], "headline": id(b) in heads,
                 "alternative_status": alt["status"], "alternative_error": alt["error"],
-                "bnmem_median_s": b["median_s"], "alternative_median_s": alt["median_s"],
-                "time_ratio": _ratio(b["median_s"], alt["median_s"]),
-                "speedup": _ratio(alt["median_s"], b["median_s"]),
+                "bnmem_time_s": b["time_s"], "alternative_time_s": alt["time_s"],
+                "time_ratio": _ratio(b["time_s"], alt["time_s"]),
+                "speedup": _ratio(alt["time_s"], b["time_s"]),
                 "bnmem_peak_mem_bytes": b["peak_mem_bytes"], "alternative_peak_mem_bytes": alt["peak_mem_bytes"],
                 "mem_ratio": _ratio(b["peak_mem_bytes"], alt["peak_mem_bytes"]),
             })
         if not bnmem:  # an alternative with nothing to compare to is still listed
             out.append({"bnmem": None, "alternative": alt["label"], "headline": True,
                         "alternative_status": alt["status"], "alternative_error": alt["error"],
-                        "bnmem_median_s": None, "alternative_median_s": alt["median_s"],
+                        "bnmem_time_s": None, "alternative_time_s": alt["time_s"],
                         "time_ratio": None, "speedup": None, "bnmem_peak_mem_bytes": None,
                         "alternative_peak_mem_bytes": alt["peak_mem_bytes"], "mem_ratio": None})
     return out
@@ -280,15 +282,25 @@ def load_runs(paths: list) -> tuple[dict, list]:
     return runs, errors
 
 
-def build_result(slug: str, run: dict) -> dict:
+def _slim(machine_info) -> dict:
+    """machine_info without py-cpuinfo's long CPU flag list."""
+    mi = dict(machine_info) if isinstance(machine_info, dict) else {}
+    if isinstance(mi.get("cpu"), dict):
+        mi["cpu"] = {k: v for k, v in mi["cpu"].items() if k != "flags"}
+    return mi
+
+
+def build_result(slug: str, run: dict, stat: str = "median") -> dict:
     rows = [row_of(b) for b in run["benches"].values()]
+    for r in rows:
+        r["time_s"] = r[f"{stat}_s"]
     groups = {}
     for r in rows:
         groups.setdefault(r["group"], []).append(r)
     result_groups = {}
     for name in sorted(groups):
         g = sorted(groups[name], key=lambda r: (r["role"] != "bnmem", r["status"] != "ok",
-                                                r["median_s"] if r["median_s"] is not None else math.inf))
+                                                r["time_s"] if r["time_s"] is not None else math.inf))
         _unique_labels(g)
         result_groups[name] = {"rows": g, "comparisons": comparisons(g), "backends": backend_comparisons(g)}
     return {
@@ -296,9 +308,10 @@ def build_result(slug: str, run: dict) -> dict:
         "slug": slug,
         "hardware": run["hardware"],
         "versions": run.get("versions", {}),
+        "time_stat": stat,
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "sources": run["sources"],
-        "machine_info": run.get("machine_info", {}),
+        "machine_info": _slim(run.get("machine_info", {})),
         "groups": result_groups,
         "plots": [],
     }
@@ -318,13 +331,13 @@ def headline_table(result: dict) -> str:
                 alt_time = f"{c['alternative_status']}: {c['alternative_error'] or ''}".strip()
                 speed = mem = "—"
             else:
-                alt_time = fmt_time(c["alternative_median_s"])
+                alt_time = fmt_time(c["alternative_time_s"])
                 speed = fmt_ratio(c["speedup"])
                 mem = (f"{fmt_bytes(c['bnmem_peak_mem_bytes'])} / {fmt_bytes(c['alternative_peak_mem_bytes'])}"
                        if c["bnmem_peak_mem_bytes"] is not None or c["alternative_peak_mem_bytes"] is not None
                        else "—")
             lines.append("| " + " | ".join(_cell(x) for x in (
-                group, c["bnmem"] or "(no bnmem row)", c["alternative"], fmt_time(c["bnmem_median_s"]),
+                group, c["bnmem"] or "(no bnmem row)", c["alternative"], fmt_time(c["bnmem_time_s"]),
                 alt_time, speed, mem)) + " |")
     if not n:
         lines.append("| (no group with both a bnmem row and an alternative) | | | | | | |")
@@ -336,9 +349,9 @@ def backends_table(result: dict) -> str:
              "|---|---|---|---|---|---|"]
     for group, g in result["groups"].items():
         for c in g.get("backends", []):
-            time = fmt_time(c["median_s"]) if c["status"] == "ok" else f"{c['status']}: {c['error'] or ''}"
+            time = fmt_time(c["time_s"]) if c["status"] == "ok" else f"{c['status']}: {c['error'] or ''}"
             lines.append("| " + " | ".join(_cell(x) for x in (
-                group, c["backend"], time, fmt_time(c["reference_median_s"]), fmt_ratio(c["speedup_vs_reference"]),
+                group, c["backend"], time, fmt_time(c["reference_time_s"]), fmt_ratio(c["speedup_vs_reference"]),
                 fmt_ratio(c["mem_ratio_vs_reference"]))) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -364,6 +377,8 @@ def _short_commit(commit) -> str:
 def _provenance(result: dict) -> str:
     v = result.get("versions", {})
     bits = [f"{k} {v[k]}" for k in ("bnmem_kernels", "torch", "torch_cuda", "triton", "python") if v.get(k)]
+    if v.get("torch_threads"):
+        bits.append(f"{v['torch_threads']} intra-op threads")
     commits = sorted({_short_commit(s.get("commit")) + ("+dirty" if s.get("dirty") else "")
                       for s in result.get("sources", []) if s.get("commit")})
     dates = sorted(s["datetime"] for s in result.get("sources", []) if s.get("datetime"))
@@ -378,7 +393,7 @@ def _provenance(result: dict) -> str:
 def markdown(result: dict) -> str:
     parts = [f"# bnmem benchmarks: {result['hardware']['title']}", "",
              _provenance(result), "",
-             "Times are medians over the benchmark's rounds; peak memory is the most bytes allocated above "
+             f"Times in the comparisons are the {result.get('time_stat', 'median')} over each benchmark's rounds; peak memory is the most bytes allocated above "
              "the call's starting point during one extra untimed call (GPU: torch.cuda.max_memory_allocated; "
              "CPU: torch's CPU allocator via the profiler). Speedup = alternative time ÷ bnmem time "
              "(> 1: bnmem is faster). The headline bnmem row of a group is the one marked headline, else "
@@ -422,14 +437,14 @@ def _family(row: dict, axis: str):
 
 
 def scaling_families(result: dict, axis: str) -> dict:
-    """{family: {label: [(x, median_s, peak_mem_bytes), ...]}} for families where some row varies x."""
+    """{family: {label: [(x, time_s, peak_mem_bytes), ...]}} for families where some row varies x."""
     fams = {}
     for g in result["groups"].values():
         for r in g["rows"]:
             if r["status"] != "ok" or r[axis] is None:
                 continue
             fams.setdefault(_family(r, axis), {}).setdefault(r["label"], []).append(
-                (r[axis], r["median_s"], r["peak_mem_bytes"]))
+                (r[axis], r["time_s"], r["peak_mem_bytes"]))
     return {f: {lab: sorted(pts) for lab, pts in series.items()} for f, series in fams.items()
             if any(len({x for x, _, _ in pts}) >= 2 for pts in series.values())}
 
@@ -476,7 +491,7 @@ def write_plots(result: dict, out: Path) -> list:
                 if mem:
                     ax_m.plot([x for x, _ in mem], [m / 2 ** 20 for _, m in mem], marker="o", label=label,
                               color=color)
-            for ax, ylabel in ((ax_t, "median time (s)"), (ax_m, "peak memory (MiB)")):
+            for ax, ylabel in ((ax_t, f"{result.get('time_stat', 'median')} time (s)"), (ax_m, "peak memory (MiB)")):
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
                 ax.set_xlabel("batch size B" if axis == "B" else axis)
@@ -498,6 +513,8 @@ def main(argv=None) -> int:
     ap.add_argument("results", nargs="+", help="pytest-benchmark JSON files (--benchmark-json=...)")
     ap.add_argument("--out", default="bench/results", help="folder for <slug>.json/.md/.png")
     ap.add_argument("--readme", help="file whose bench:start/bench:end block gets the headline tables")
+    ap.add_argument("--stat", choices=("median", "min"), default="median",
+                    help="time statistic the ratios and plots use (min resists a loaded machine's noise)")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
 
@@ -510,7 +527,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for slug, run in sorted(runs.items()):
-        result = build_result(slug, run)
+        result = build_result(slug, run, args.stat)
         if not args.no_plots:
             result["plots"] = write_plots(result, out)
         (out / f"{slug}.json").write_text(json.dumps(_clean(result), indent=1, default=str, allow_nan=False) + "\n")

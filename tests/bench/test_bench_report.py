@@ -106,7 +106,7 @@ def test_report_end_to_end(report, inputs, tmp_path):
     loop = next(c for c in heads if c["alternative"] == "autograd loop")
     assert math.isclose(loop["speedup"], 8e-3 * 4 / (2e-4 * 4))
     assert math.isclose(loop["time_ratio"], 1 / loop["speedup"])
-    assert math.isclose(loop["mem_ratio"], 2000 / 500)
+    assert math.isclose(loop["mem_ratio"], 2000 / 500) and gpu["time_stat"] == "median"
     kernel = next(c for c in g["comparisons"] if c["bnmem"] == "bnmem [cuda]" and c["alternative"] == "autograd loop")
     assert math.isclose(kernel["speedup"], 80.0) and not kernel["headline"]
     assert g["backends"] == []  # no reference row in this group
@@ -136,8 +136,10 @@ def test_report_end_to_end(report, inputs, tmp_path):
     text = readme.read_text()
     assert text.startswith("# x\nbefore\n<!-- bench:start -->\n") and text.endswith("<!-- bench:end -->\nafter\n")
     assert "old table" not in text and "NVIDIA H200" in text and "AMD EPYC" in text
-    # idempotent: a second run replaces the block again
-    assert report.main([str(inputs[1]), "--out", str(out), "--readme", str(readme), "--no-plots"]) == 0
+    # idempotent: a second run replaces the block again; --stat min uses the fastest round
+    assert report.main([str(inputs[1]), "--out", str(out), "--readme", str(readme), "--no-plots", "--stat", "min"]) == 0
+    cpu = json.loads((out / "amd-epyc-7b13.json").read_text())
+    assert cpu["time_stat"] == "min" and math.isclose(cpu["groups"]["k B4"]["backends"][0]["time_s"], 2e-5 * 0.9)
     assert readme.read_text().count("<!-- bench:start -->") == 1
 
 
