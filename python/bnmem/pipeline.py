@@ -11,7 +11,7 @@ from .runfolder import RunFolder, write_json, write_npz
 STAGES = ("data", "train", "probe", "score", "report")
 
 
-def run(cfg: Config, out: str, *, log=print) -> RunFolder:
+def run(cfg: Config, out: str, *, log=print, pool=None) -> RunFolder:
     rf = RunFolder(out)
     resumed = rf.open_for(cfg)
     if resumed:
@@ -54,7 +54,7 @@ def run(cfg: Config, out: str, *, log=print) -> RunFolder:
 
     from .executor import Pool
     stage("data", do_data)
-    with Pool(cfg.workers) as pool:
+    with (pool if pool is not None else Pool(cfg.workers)) as pool:  # pool: e.g. ray_executor.RayPool
         stage("train", do_train)
         stage("probe", do_probe)
     stage("score", do_score)
