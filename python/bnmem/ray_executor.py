@@ -124,7 +124,6 @@ class RayExecutor(cf.Executor):
         self._refs = {}  # future -> ObjectRef, while pending
         self._lock = threading.Lock()
         self._shutdown = False
-        self.submitted = 0
 
     def submit(self, fn, /, *args, **kwargs):
         if kwargs:
@@ -142,7 +141,7 @@ class RayExecutor(cf.Executor):
             files_in = {rel: self._pool.blob(os.path.join(root, rel)) for rel in wanted
                         if os.path.exists(os.path.join(root, rel))}
         ref = self._pool.remote.remote(fn, args, ship, files_in)
-        self.submitted += 1
+        self._pool.submitted += 1
         outer = cf.Future()
         outer.set_running_or_notify_cancel()
         with self._lock:
@@ -208,6 +207,7 @@ class RayPool:
         self.retry_exceptions = list(retry_exceptions) if retry_exceptions else False
         self.init_kwargs = dict(init_kwargs or {})
         self.workers = 0  # interface parity with executor.Pool
+        self.submitted = 0  # tasks sent to Ray over this pool's life
         self.ray = None
         self._ex = None
         self._owns_ray = False
