@@ -150,9 +150,8 @@ def _label(bench: dict, extra: dict, role: str) -> str:
     if extra.get("label"):
         return str(extra["label"])
     if role == "bnmem":
-        label = "bnmem"
-        if extra.get("name"):
-            label += f" {extra['name']}"
+        name = str(extra.get("name") or "")
+        label = name if name.lower().startswith("bnmem") else ("bnmem " + name).strip()
         if extra.get("backend"):
             label += f" [{extra['backend']}]"
         if extra.get("end_to_end"):
@@ -213,12 +212,23 @@ def _unique_labels(rows: list) -> None:
 
 def headline_bnmem(rows: list) -> list:
     """The bnmem rows that stand for bnmem in the headline: those marked headline=True; else the
-    end-to-end ones (the same work as the alternatives); else the fastest bnmem row."""
+    end-to-end ones (the same work as the alternatives); else every bnmem row but the `reference`
+    backend (no cherry-picking of the fastest); else the reference row."""
     ok = [r for r in rows if r["role"] == "bnmem" and r["status"] == "ok"]
-    for pick in ([r for r in ok if r["headline"]], [r for r in ok if r["end_to_end"]]):
+    for pick in ([r for r in ok if r["headline"]], [r for r in ok if r["end_to_end"]],
+                 [r for r in ok if r["backend"] != "reference"]):
         if pick:
             return pick
-    return [min(ok, key=lambda r: r["time_s"])] if ok else []
+    return ok
+
+
+def add_baseline_ratios(rows: list) -> None:
+    """Rows with role "baseline" (e.g. one plain forward+backward): every row's time and peak memory
+    as a multiple of the group's first baseline row (`time_vs_baseline`, `mem_vs_baseline`)."""
+    base = next((r for r in rows if r["role"] == "baseline" and r["status"] == "ok"), None)
+    for r in rows:
+        r["time_vs_baseline"] = _ratio(r["time_s"], base["time_s"]) if base else None
+        r["mem_vs_baseline"] = _ratio(r["peak_mem_bytes"], base["peak_mem_bytes"]) if base else None
 
 
 def backend_comparisons(rows: list) -> list:
@@ -302,6 +312,7 @@ def build_result(slug: str, run: dict, stat: str = "median") -> dict:
         g = sorted(groups[name], key=lambda r: (r["role"] != "bnmem", r["status"] != "ok",
                                                 r["time_s"] if r["time_s"] is not None else math.inf))
         _unique_labels(g)
+        add_baseline_ratios(g)
         result_groups[name] = {"rows": g, "comparisons": comparisons(g), "backends": backend_comparisons(g)}
     return {
         "schema": 1,
@@ -357,15 +368,17 @@ def backends_table(result: dict) -> str:
 
 
 def rows_table(result: dict) -> str:
-    lines = ["| group | row | role | status | median | min | stddev | rounds | peak mem |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| group | row | role | status | median | min | stddev | rounds | peak mem | time, mem ÷ baseline |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for group, g in result["groups"].items():
         for r in g["rows"]:
             status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['error'] or ''}"
             lines.append("| " + " | ".join(_cell(x) for x in (
                 group, r["label"], r["role"], status, fmt_time(r["median_s"]), fmt_time(r["min_s"]),
                 fmt_time(r["stddev_s"]), r["rounds"] if r["rounds"] is not None else "—",
-                fmt_bytes(r["peak_mem_bytes"]))) + " |")
+                fmt_bytes(r["peak_mem_bytes"]),
+                "—" if r.get("time_vs_baseline") is None and r.get("mem_vs_baseline") is None
+                else f"{fmt_ratio(r.get('time_vs_baseline'))}, {fmt_ratio(r.get('mem_vs_baseline'))}")) + " |")
     return "\n".join(lines)
 
 
@@ -393,11 +406,14 @@ def _provenance(result: dict) -> str:
 def markdown(result: dict) -> str:
     parts = [f"# bnmem benchmarks: {result['hardware']['title']}", "",
              _provenance(result), "",
-             f"Times in the comparisons are the {result.get('time_stat', 'median')} over each benchmark's rounds; peak memory is the most bytes allocated above "
+             f"Times in the comparisons are the {result.get('time_stat', 'median')} over each benchmark's "
+             "rounds; peak memory is the most bytes allocated above "
              "the call's starting point during one extra untimed call (GPU: torch.cuda.max_memory_allocated; "
              "CPU: torch's CPU allocator via the profiler). Speedup = alternative time ÷ bnmem time "
              "(> 1: bnmem is faster). The headline bnmem row of a group is the one marked headline, else "
-             "its end-to-end row (same work as the alternatives), else its fastest row.", "",
+             "its end-to-end rows (same work as the alternatives), else all its rows but the reference backend. "
+             "A row with role `baseline` (e.g. a plain forward+backward) gives every row of its group a "
+             "time and memory multiple.", "",
              "## bnmem vs alternatives", "", headline_table(result), ""]
     if backends_table(result):
         parts += ["## bnmem backends vs the reference implementation", "", backends_table(result), ""]

@@ -60,7 +60,8 @@ def _gpu_run():
 def _cpu_run():
     rows = [_bench("test_k", "k B4", 2e-5, {"role": "bnmem", "backend": "cpu", "shape": [4, 3]}, peak=64),
             _bench("test_ref", "k B4", 8e-5, {"role": "bnmem", "backend": "reference", "shape": [4, 3]}, peak=128),
-            _bench("test_alt", "k B4", 1e-4, {"role": "alternative", "name": "vmap", "shape": [4, 3]}, peak=4096)]
+            _bench("test_alt", "k B4", 1e-4, {"role": "alternative", "name": "vmap", "shape": [4, 3]}, peak=4096),
+            _bench("test_plain", "k B4", 1e-5, {"role": "baseline", "name": "plain fwd+bwd"}, peak=32)]
     mi = {"cpu": {"brand_raw": "AMD EPYC 7B13 64-Core Processor"}, "python_version": "3.11.7"}
     return {"machine_info": mi, "benchmarks": rows}
 
@@ -94,8 +95,13 @@ def test_report_end_to_end(report, inputs, tmp_path):
     (backend,) = cpu["groups"]["k B4"]["backends"]
     assert backend["backend"] == "bnmem [cpu]" and math.isclose(backend["speedup_vs_reference"], 4.0)
     assert math.isclose(backend["mem_ratio_vs_reference"], 0.5)
-    (head,) = [c for c in cpu["groups"]["k B4"]["comparisons"] if c["headline"]]  # fastest bnmem row
+    (head,) = [c for c in cpu["groups"]["k B4"]["comparisons"] if c["headline"]]  # not the reference row
     assert head["bnmem"] == "bnmem [cpu]" and math.isclose(head["speedup"], 5.0)
+    k_rows = {r["label"]: r for r in cpu["groups"]["k B4"]["rows"]}
+    assert math.isclose(k_rows["vmap"]["time_vs_baseline"], 10.0)
+    assert math.isclose(k_rows["vmap"]["mem_vs_baseline"], 128)
+    assert k_rows["plain fwd+bwd"]["time_vs_baseline"] == 1.0
+    assert all(r["time_vs_baseline"] is None for r in gpu["groups"]["toy B32_d16"]["rows"])  # no baseline there
     cpu_md = next(out.glob("amd-epyc-7b13.md")).read_text()
     assert "| k B4 | bnmem [cpu] | 20 µs | 80 µs | 4× | 0.5× |" in cpu_md
 
@@ -122,7 +128,8 @@ def test_report_end_to_end(report, inputs, tmp_path):
     assert bare["role"] == "unknown" and bare["median_s"] == 0.5
 
     md = (out / "nvidia-h200.md").read_text()
-    assert "| toy B32_d16 | bnmem [auto] end-to-end | autograd loop | 800 µs | 32 ms | 40× | 62.5 KiB / 15.6 KiB |" in md
+    assert ("| toy B32_d16 | bnmem [auto] end-to-end | autograd loop | 800 µs | 32 ms | 40× "
+            "| 62.5 KiB / 15.6 KiB |") in md
     assert "failed: ValueError: BatchNorm is not supported" in md
     assert "commit 0123456789+dirty" in md
 
