@@ -73,8 +73,23 @@ def check_scores_inputs(conf, keep, conf_name="conf"):
         raise ValueError(f"need M >= 2 models (each target is scored against the others), got M = {conf.shape[0]}")
     if conf.shape[1] == 0 or conf.shape[2] == 0:
         raise ValueError(f"{conf_name} has no examples or no augmentations: shape {tuple(conf.shape)}")
-    if not bool(torch.isfinite(conf).all()):
-        raise ValueError(describe_nonfinite(conf, conf_name))
+    # conf's finiteness is checked after scoring (a NaN/Inf poisons every score of its example,
+    # so a check of the [M, N] scores finds it at 1/A of the cost): see check_finite_after.
+
+
+def check_finite_after(conf, score, valid, conf_name, what):
+    """Raise for NaN/Inf in conf (found through non-finite valid scores, and in examples with no
+    valid score); warn for other non-finite scores (zero spread among the models)."""
+    bad = valid & ~torch.isfinite(score)
+    dead = ~valid.any(0)  # examples no target can score: their conf does not reach any score
+    if bool(bad.any()) or bool(dead.any()):
+        if not bool(torch.isfinite(conf).all()):
+            raise ValueError(describe_nonfinite(conf, conf_name))
+    extra = int(bad.sum())
+    if extra:
+        warnings.warn(f"{what}: {extra} score(s) are not finite although enough models were present: "
+                      f"the models' values coincide (zero spread) for those examples", RuntimeWarning,
+                      stacklevel=4)
 
 
 def _warn_or_raise_invalid(valid: torch.Tensor, what: str, why: str):
@@ -101,6 +116,8 @@ def lira_scores(conf, keep, *, online=True, variance="per_example", center="mean
     if conf.dtype in (torch.float16, torch.bfloat16):
         conf = conf.float()  # exact widening; the kernels read fp32 or fp64
     valid = ref.valid_mask(keep, online, variance)
+    if not bool(valid.any()) and not bool(torch.isfinite(conf).all()):
+        raise ValueError(describe_nonfinite(conf, "conf"))  # the worse problem first
     need_in, need_out = ref.needed_counts(online, variance)
     _warn_or_raise_invalid(valid, "lira_scores",
                            f"fewer than {need_in} in-model(s) or {need_out} out-model(s) besides the target"
@@ -117,16 +134,14 @@ def lira_scores(conf, keep, *, online=True, variance="per_example", center="mean
             score = lira_scores_triton(conf, keep, gstd, online, median, logpdf)
         else:
             score = compiled_op()(conf, keep, gstd, online, median, logpdf)
-    extra = int((valid & ~torch.isfinite(score)).sum())
-    if extra:
-        warnings.warn(f"lira_scores: {extra} score(s) are not finite although enough models were present: "
-                      f"the models' values coincide (zero spread) for those examples", RuntimeWarning,
-                      stacklevel=3)
+    check_finite_after(conf, score, valid, "conf", "lira_scores")
     return score
 
 
 def rmia_scores(prob, keep, population=None, *, gamma=1.0, a=0.3, offline=True, backend=None):
     check_scores_inputs(prob, keep, "prob")
+    if not bool(torch.isfinite(prob).all()):
+        raise ValueError(describe_nonfinite(prob, "prob"))
     if bool(((prob < 0) | (prob > 1)).any()):
         raise ValueError("prob must hold probabilities in [0, 1] (softmax p_y), got values outside; "
                          "pass torch.softmax(logits, -1).gather(-1, y) rather than logit confidences")

@@ -35,18 +35,23 @@ def needed_counts(online: bool, variance: str) -> tuple[int, int]:
 
 
 def valid_mask(keep: torch.Tensor, online: bool, variance: str) -> torch.Tensor:
-    """[M, N] bool: which scores the estimator can form (enough in/out models without the target)."""
-    k = keep.to(torch.int64)
-    n_in = k.sum(0, keepdim=True) - k  # in-models other than t
-    n_out = (1 - k).sum(0, keepdim=True) - (1 - k)
+    """[M, N] bool: which scores the estimator can form (enough in/out models without the target).
+
+    Without target t, example n has n_in - keep[t, n] in-models and n_out - (1 - keep[t, n])
+    out-models, so validity is a per-example pair (t in, t out) picked by keep. O(M N)."""
+    M, N = keep.shape
+    n_in = keep.sum(0, dtype=torch.int64)  # [N]
+    n_out = M - n_in
     need_in, need_out = needed_counts(online, variance)
-    ok = (n_in >= need_in) & (n_out >= need_out)
-    if variance == "global":
-        pooled_in = n_in.sum(1, keepdim=True)  # sum over n of in-values without model t
-        pooled_out = n_out.sum(1, keepdim=True)
-        ok &= pooled_out >= MIN_POOLED
+    ok = torch.where(keep, ((n_in - 1 >= need_in) & (n_out >= need_out))[None, :],
+                     ((n_in >= need_in) & (n_out - 1 >= need_out))[None, :])
+    if variance == "global":  # values pooled over examples for target t's global std
+        own_in = keep.sum(1, dtype=torch.int64)  # [M]
+        pooled_in, pooled_out = n_in.sum() - own_in, n_out.sum() - (N - own_in)
+        pooled_ok = pooled_out >= MIN_POOLED
         if online:
-            ok &= pooled_in >= MIN_POOLED
+            pooled_ok &= pooled_in >= MIN_POOLED
+        ok &= pooled_ok[:, None]
     return ok
 
 

@@ -36,11 +36,6 @@ inline double log_ndtr(double z) {
   return std::log(0.5 * std::erfc(-z * 0.70710678118654752440));
 }
 
-inline double norm_logpdf(double c, double mu, double s) {
-  const double z = (c - mu) / s;
-  return -0.5 * z * z - std::log(s) - kLogSqrt2Pi;
-}
-
 // Median (numpy convention) of the sorted values s[0..L) without one copy of x (x in the list).
 inline double loo_median(const double* s, int64_t L, double x) {
   if (L % 2 == 0) {  // L - 1 odd: the middle of the remaining L - 1
@@ -114,21 +109,24 @@ void lira_scores_kernel(const scalar_t* conf, const bool* keep, const double* gs
           const int64_t ci = n_in - (t_in ? 1 : 0), co = n_out - (t_in ? 0 : 1);
           if (ci < need_in || co < need_out) continue;  // NaN below
           const double c = x[t * A + a];
+          // variances, not stds: the online log-ratio needs one log and no sqrt
           double mu_o, var_o;
           go.stats(!t_in, c - go.mean, mu_o, var_o);
           if (median) mu_o = t_in ? full_median(sout.data(), lo) : loo_median(sout.data(), lo, c);
-          const double s_o = gstd ? gstd[(1 * M + t) * A + a] : std::sqrt(var_o);
+          if (gstd) var_o = gstd[(1 * M + t) * A + a] * gstd[(1 * M + t) * A + a];
+          const double e_o = (c - mu_o) * (c - mu_o);
           double v;
           if (online) {
             double mu_i, var_i;
             gi.stats(t_in, c - gi.mean, mu_i, var_i);
             if (median) mu_i = t_in ? loo_median(sin.data(), li, c) : full_median(sin.data(), li);
-            const double s_i = gstd ? gstd[t * A + a] : std::sqrt(var_i);
-            v = norm_logpdf(c, mu_i, s_i) - norm_logpdf(c, mu_o, s_o);
+            if (gstd) var_i = gstd[t * A + a] * gstd[t * A + a];
+            // log N(c; mu_i, s_i) - log N(c; mu_o, s_o)
+            v = 0.5 * (e_o / var_o - (c - mu_i) * (c - mu_i) / var_i - std::log(var_i / var_o));
           } else if (logpdf) {
-            v = -norm_logpdf(c, mu_o, s_o);
+            v = 0.5 * (e_o / var_o + std::log(var_o)) + kLogSqrt2Pi;  // -log N(c; mu_o, s_o)
           } else {
-            v = log_ndtr((c - mu_o) / s_o);
+            v = log_ndtr((c - mu_o) / std::sqrt(var_o));
           }
           acc[t] += v;
         }

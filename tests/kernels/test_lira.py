@@ -1,6 +1,7 @@
 """lira_scores / logit_confidence / rmia_scores vs the numpy/scipy loop oracle, on every backend."""
 import functools
 import itertools
+import re
 import warnings
 
 import numpy as np
@@ -203,7 +204,16 @@ def test_bad_inputs():
     bad[1, 2, 0] = float("nan")
     bad[3, 4, 1] = float("inf")
     with pytest.raises(ValueError, match=r"2 non-finite value\(s\).*\(1, 2, 0\), \(3, 4, 1\)"):
-        lira.lira_scores(bad, keep)
+        lira.lira_scores(bad, keep)  # M = 4: no per-example score can be formed; NaN reported first
+    conf6, keep6 = make_data(6, 5, 2, True)
+    for backend in ("cpu", "reference"):
+        for variance in ("per_example", "global"):
+            for pos, val in (((1, 2, 0), float("nan")), ((5, 0, 1), -float("inf"))):
+                bad = conf6.clone()
+                bad[pos] = val
+                with pytest.raises(ValueError, match=r"1 non-finite value\(s\) \(NaN/Inf\) of 60, first at indices "
+                                                     + re.escape(str([pos]))):
+                    lira.lira_scores(bad, keep6, variance=variance, backend=backend)
     with pytest.raises(ValueError, match="unknown backend"):
         lira.lira_scores(conf, keep, backend="gpu")
 
