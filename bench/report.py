@@ -147,6 +147,12 @@ def _shape_b(extra: dict):
 
 
 def _label(bench: dict, extra: dict, role: str) -> str:
+    scale = _num(extra.get("time_scale"))
+    label = _plain_label(bench, extra, role)
+    return label + (f" (subset, time ×{scale:g})" if scale else "")
+
+
+def _plain_label(bench: dict, extra: dict, role: str) -> str:
     if extra.get("label"):
         return str(extra["label"])
     if role == "bnmem":
@@ -303,7 +309,9 @@ def _slim(machine_info) -> dict:
 def build_result(slug: str, run: dict, stat: str = "median") -> dict:
     rows = [row_of(b) for b in run["benches"].values()]
     for r in rows:
-        r["time_s"] = r[f"{stat}_s"]
+        scale = _num(r["extra_info"].get("time_scale"))
+        r["time_scale"] = scale
+        r["time_s"] = r[f"{stat}_s"] * scale if scale and r[f"{stat}_s"] is not None else r[f"{stat}_s"]
     groups = {}
     for r in rows:
         groups.setdefault(r["group"], []).append(r)

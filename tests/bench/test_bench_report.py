@@ -61,7 +61,8 @@ def _cpu_run():
     rows = [_bench("test_k", "k B4", 2e-5, {"role": "bnmem", "backend": "cpu", "shape": [4, 3]}, peak=64),
             _bench("test_ref", "k B4", 8e-5, {"role": "bnmem", "backend": "reference", "shape": [4, 3]}, peak=128),
             _bench("test_alt", "k B4", 1e-4, {"role": "alternative", "name": "vmap", "shape": [4, 3]}, peak=4096),
-            _bench("test_plain", "k B4", 1e-5, {"role": "baseline", "name": "plain fwd+bwd"}, peak=32)]
+            _bench("test_plain", "k B4", 1e-5, {"role": "baseline", "name": "plain fwd+bwd"}, peak=32),
+            _bench("test_loop", "k B4", 1e-3, {"role": "alternative", "name": "loop", "time_scale": 100.0})]
     mi = {"cpu": {"brand_raw": "AMD EPYC 7B13 64-Core Processor"}, "python_version": "3.11.7"}
     return {"machine_info": mi, "benchmarks": rows}
 
@@ -95,9 +96,12 @@ def test_report_end_to_end(report, inputs, tmp_path):
     (backend,) = cpu["groups"]["k B4"]["backends"]
     assert backend["backend"] == "bnmem [cpu]" and math.isclose(backend["speedup_vs_reference"], 4.0)
     assert math.isclose(backend["mem_ratio_vs_reference"], 0.5)
-    (head,) = [c for c in cpu["groups"]["k B4"]["comparisons"] if c["headline"]]  # not the reference row
-    assert head["bnmem"] == "bnmem [cpu]" and math.isclose(head["speedup"], 5.0)
+    head = [c for c in cpu["groups"]["k B4"]["comparisons"] if c["headline"] and c["alternative"] == "vmap"]
+    assert [c["bnmem"] for c in head] == ["bnmem [cpu]"] and math.isclose(head[0]["speedup"], 5.0)
     k_rows = {r["label"]: r for r in cpu["groups"]["k B4"]["rows"]}
+    scaled = next(c for c in cpu["groups"]["k B4"]["comparisons"] if c["alternative"].startswith("loop"))
+    assert scaled["alternative"] == "loop (subset, time ×100)" and math.isclose(scaled["speedup"], 0.1 / 2e-5)
+    assert k_rows["loop (subset, time ×100)"]["median_s"] == 1e-3  # the measured time stays as timed
     assert math.isclose(k_rows["vmap"]["time_vs_baseline"], 10.0)
     assert math.isclose(k_rows["vmap"]["mem_vs_baseline"], 128)
     assert k_rows["plain fwd+bwd"]["time_vs_baseline"] == 1.0
