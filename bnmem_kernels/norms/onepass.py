@@ -2,14 +2,17 @@
 backward pass of sum_i l_i, and the public `per_sample_grad_norms` (mode="exact" goes to exact.py).
 
 How (MATH.md, "Ghost norms"): forward hooks on every module that owns trainable parameters keep
-its input A (and the statistics of normalization layers) and put a zero "tap" on its output
-(out + z, z a stride-0 zero leaf that requires grad); `torch.autograd.grad(sum_i l_i, taps)` then
-returns G = d(sum_i l_i)/d out at every such module. Autograd is asked for no parameter, so
-it skips every weight-gradient GEMM, and the user's `.grad` is never touched. Each layer's rule
-(rules.py, one table) turns (A, G) into per-sample squared norms of its parameters without a B x P
-tensor (ghost norms; per-sample affine sums for normalization layers). The tap (rather than the
-module output itself) keeps G right when a later in-place op (ReLU(inplace=True)) rewrites the
-output.
+its input A (and the statistics of normalization layers) and register a tensor hook on its output
+that records G = d(sum_i l_i)/d out when the backward passes. `torch.autograd.grad(sum_i l_i,
+taps)` runs the one backward, where the taps are, for each module at the bottom of the graph (its
+input needs no gradient), its smallest parameter (a bias: one reduction) or, when that parameter is
+large, a zero leaf added to its output. The backward must go through every module above a tap but
+computes no other parameter gradient, so it skips the weight-gradient GEMMs (all but at most the
+bottom layers'), and it never touches the user's `.grad` (autograd.grad returns, not accumulates). Each layer's rule (rules.py, one table)
+turns (A, G) into per-sample squared norms of its parameters without a B x P tensor (ghost norms;
+per-sample affine sums for normalization layers). Tensor hooks registered at the forward see the
+gradient of the output as computed there, also when a later in-place op (ReLU(inplace=True))
+rewrites it.
 
 Modes: "column" and "detached" run the model in train mode (BatchNorm with batch statistics),
 "eval" in eval mode (running statistics); "detached" additionally recomputes each BatchNorm's
@@ -17,6 +20,8 @@ output with its batch statistics detached (rules.BatchNormRule). The model's tra
 buffers (running stats, num_batches_tracked), .grad and hooks are restored on return (_state).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -48,6 +53,10 @@ def parameter_modules(model: nn.Module):
     return found
 
 
+def _record_grad(cap, g):
+    cap.grad = g if cap.grad is None else cap.grad + g
+
+
 def install_capture_hooks(model, mode, handles, *, tap: bool, on_output=None):
     """Register the forward hooks; returns the list the hooks append LayerCaptures to.
 
@@ -65,14 +74,26 @@ def install_capture_hooks(model, mode, handles, *, tap: bool, on_output=None):
             state, replacement = rule.capture(module, args[0], output, mode)
             out = output if replacement is None else replacement
             z = None
-            if tap and out.requires_grad:
-                z = torch.zeros((), dtype=out.dtype, device=out.device).expand(out.shape).requires_grad_()
-                out = out + z
+            if tap and out.requires_grad and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+                # a module at the bottom of the graph (its input needs no gradient): the backward must reach
+                # it. autograd.grad asks for its smallest parameter (a bias: one reduction of G) when that is
+                # cheaper than a zero tap on its output (out + z, z a stride-0 zero leaf requiring grad)
+                small = min((p for p in module.parameters(recurse=False) if p.requires_grad), key=lambda p: p.numel())
+                if small.numel() * 16 <= out.numel():
+                    z = small
+                else:
+                    z = torch.zeros((), dtype=out.dtype, device=out.device).expand(out.shape).requires_grad_()
+                    out = out + z
             cap = LayerCapture(name, module, rule, state, z)
             captures.append(cap)
-            if on_output is not None:
-                on_output(cap, out)
-            return out if (tap or replacement is not None) else None
+            if out.requires_grad:
+                # a tensor hook records the gradient arriving at the output. Registered before any later
+                # in-place op (ReLU(inplace=True)), it sees d/d(output as computed here).
+                if on_output is not None:
+                    on_output(cap, out)
+                else:
+                    out.register_hook(functools.partial(_record_grad, cap))
+            return out if (replacement is not None or (z is not None and not isinstance(z, nn.Parameter))) else None
         return hook
 
     hooked = set()
@@ -147,10 +168,10 @@ def onepass_per_sample_grad_norms(model, loss_fn, inputs, targets, *, mode, per_
             captures = install_capture_hooks(model, mode, handles, tap=True)
             losses = check_losses(loss_fn(model(*args), targets), B)
         live = [c for c in captures if c.tap is not None]
-        grads = torch.autograd.grad(losses.sum(), [c.tap for c in live], allow_unused=True)
-        for c, g in zip(live, grads):
-            c.grad = g
-        del losses, grads
+        extra = [a for a in args if a.requires_grad]   # inputs that need grad: the backward must reach them
+        # the one backward: the tensor hooks fill every capture's grad; what it returns is not needed
+        torch.autograd.grad(losses.sum(), [c.tap for c in live] + extra, allow_unused=True)
+        del losses
         with torch.no_grad():
             return norms_from_captures(model, captures, B, per_layer=per_layer, backend=backend,
                                        max_chunk=max_chunk)

@@ -338,3 +338,31 @@ def test_clear_errors(bad, exc, msg):
         model = lambda t: t  # noqa: E731
     with pytest.raises(exc, match=msg):
         bk.per_sample_grad_norms(model, loss, x, y, **kw)
+
+
+@pytest.mark.parametrize("conv", [
+    lambda: nn.Conv2d(3, 4, 3, padding=1),                                       # stacked offsets (few channels)
+    lambda: nn.Conv2d(6, 5, (3, 2), padding="same", dilation=(2, 1), groups=1),  # shifted loop, asymmetric 'same'
+    lambda: nn.Conv2d(10, 4, 3, padding=2, groups=2, padding_mode="circular"),   # groups, circular
+    lambda: nn.Conv1d(9, 3, 4, padding="same", dilation=3),                      # 1-D, asymmetric 'same'
+    lambda: nn.Conv1d(2, 3, 3, padding=1, padding_mode="reflect", bias=False),
+])
+def test_conv_routes_agree(conv):
+    """The cpu-only shifted-window route (no im2col) == the unfold + ghost_norm_linear route (both
+    materialize and Gram) == per-sample autograd, in fp64."""
+    from bnmem_kernels.norms.rules import _conv_rows, conv_weight_sq_shifted
+    torch.manual_seed(0)
+    m = conv().double()
+    nd = len(m.kernel_size)
+    x = torch.randn((3, m.in_channels) + (7,) * nd, dtype=torch.float64)
+    out = m(x)
+    c = torch.randn_like(out)
+    truth = torch.stack([torch.autograd.grad((m(x[i:i + 1]) * c[i:i + 1]).sum(), m.weight)[0].square().sum()
+                         for i in range(3)])
+    g = c.reshape(3, c.shape[1], -1)
+    _check_close(conv_weight_sq_shifted(m, x, g), truth, 1e-10)
+    a = _conv_rows(m, x)
+    gr = m.groups
+    g_rows = g.reshape(3 * gr, g.shape[1] // gr, -1).transpose(1, 2)
+    for route in ("gram", "materialize"):
+        _check_close(bk.ghost_norm_linear(a, g_rows, route=route, backend="reference").view(3, gr).sum(1), truth, 1e-10)
