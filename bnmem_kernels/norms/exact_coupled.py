@@ -63,6 +63,65 @@ class _Tape:
         self.k_stats = self.k_masks = 0
 
 
+class _BatchNormStats(torch.autograd.Function):
+    """Train-mode BatchNorm returning its batch statistics as outputs: (y, mu, var), biased var.
+
+    Backward (dy, dmu, dvar): the fused native BatchNorm backward for dy, plus the statistics' own
+    derivatives d mu / dx = 1/M, d var / dx_j = 2 (x_j - mu) / M. The phase-1 graph of the coupled
+    engine, whose passes from the statistics (J^T v) cross every lower BatchNorm this way.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        # the statistics exactly as the per-sample replay (phase 2) uses them, so both phases agree
+        # to rounding even where f_i and J^T v_i nearly cancel
+        var, mean = torch.var_mean(x, dim=[0] + list(range(2, x.dim())), unbiased=False)
+        invstd = torch.rsqrt(var + eps)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * invstd.view(shape)
+        if weight is not None:
+            y = y * weight.view(shape)
+        if bias is not None:
+            y = y + bias.view(shape)
+        return y, mean, var, invstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, eps = inputs
+        _, save_mean, _, save_invstd = output
+        ctx.save_for_backward(x, weight, save_mean, save_invstd)
+        ctx.eps = eps
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(save_invstd)
+
+    @staticmethod
+    def backward(ctx, dy, dmu, dvar, _dinvstd):
+        x, weight, mean, invstd = ctx.saved_tensors
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        M = x.numel() // x.shape[1]
+        dx = dw = db = None
+        if dy is not None:
+            need_w = weight is not None and ctx.needs_input_grad[1]
+            need_b = ctx.needs_input_grad[2]
+            dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+                dy, x, weight, None, None, mean, invstd, True, ctx.eps, [True, need_w, need_b])
+        if dvar is not None:
+            add = (x - mean.view(shape)) * (dvar * (2.0 / M)).view(shape)
+            dx = add if dx is None else dx + add
+        if dmu is not None:
+            add = (dmu / M).view(shape).expand_as(x)
+            dx = add if dx is None else dx + add
+        return dx, dw, db, None
+
+
+def _bn_stats(x, weight, bias, eps):
+    """(y, mu, var) of a train-mode BatchNorm, all three differentiable (_BatchNormStats)."""
+    y, mu, var, _ = _BatchNormStats.apply(x, weight, bias, eps)
+    return y, mu, var
+
+
 def _bn_forward(module, tape):
     def forward(x):
         if not (module.training or module.running_mean is None):
@@ -71,17 +130,15 @@ def _bn_forward(module, tape):
         if tape.recording:
             tape.bn_inputs.append(x)
             x = x.view_as(x)          # one entry edge into the producer's graph node (see _zero_biases)
-            dims = [0] + list(range(2, x.dim()))
             if x.numel() // x.shape[1] <= 1:
                 raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-            mu = x.mean(dims)
-            var = (x - mu.view(shape)).square().mean(dims)
+            y, mu, var = _bn_stats(x, module.weight, module.bias, module.eps)
             tape.stats.append((module, mu, var))
-        else:
-            if tape.k_stats >= len(tape.replay_stats):
-                raise Unsupported("BatchNorm called more often than in the batch forward")
-            mu, var = tape.replay_stats[tape.k_stats]
-            tape.k_stats += 1
+            return y
+        if tape.k_stats >= len(tape.replay_stats):
+            raise Unsupported("BatchNorm called more often than in the batch forward")
+        mu, var = tape.replay_stats[tape.k_stats]
+        tape.k_stats += 1
         y = (x - mu.view(shape)) * torch.rsqrt(var.view(shape) + module.eps)
         if module.weight is not None:
             y = y * module.weight.view(shape)
@@ -117,7 +174,7 @@ def _patched(model, tape):
         for m in model.modules():
             if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
                 handles.append(m.register_forward_hook(
-                    lambda mod, a, o: tape.outputs.append((mod, o)) if tape.recording else None))
+                    lambda mod, a, o: tape.outputs.append((mod, o, a[0] if a else None)) if tape.recording else None))
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.forward = _bn_forward(m, tape)
                 patched.append(m)
@@ -159,13 +216,72 @@ def _zero_biases(model, tape, losses, names) -> list:
     counts = _consumer_counts(losses.grad_fn)
     by_id = {id(p): n for n, p in zip(names, [dict(model.named_parameters())[n] for n in names])}
     out = []
-    for module, produced in tape.outputs:
+    for module, produced, _ in tape.outputs:
         bias = getattr(module, "bias", None)
         if not isinstance(bias, torch.nn.Parameter) or id(bias) not in by_id:
             continue
         if any(produced is x for x in tape.bn_inputs) and produced.grad_fn is not None \
                 and counts.get(produced.grad_fn, 0) == 1:
             out.append(by_id[id(bias)])
+    return out
+
+
+def _reachable(roots) -> set:
+    seen = set(r for r in roots if r is not None)
+    stack = list(seen)
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return seen
+
+
+def _closed_form_producers(model, tape, losses, names, params) -> dict:
+    """BatchNorm calls k whose input z_k is the output of a Linear/Conv module m_k used once, with
+    unshared parameters, consumed by that BatchNorm only. Then (MATH.md, the layer beneath a BN)
+        d mu_kc / d W_k = (1/M) row c of VJP(z_k; ones),  d var_kc / d W_k = (2/M) row c of VJP(z_k; z_k - mu_k)
+    (row c of W_k feeds channel c only), the same for the bias. Returns {k: info}: "q" (indices of
+    m_k's trainable parameters), "rows" (the two VJPs per parameter), "input_free" (m_k's input
+    depends on no parameter: J_k is this block alone) and "top" (no other BatchNorm's statistics
+    depend on z_k: no other pass needs W_k)."""
+    if losses.grad_fn is None:
+        return {}
+    counts = _consumer_counts(losses.grad_fn)
+    index = {id(p): q for q, p in enumerate(params)}
+    owners: dict = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    calls: dict = {}
+    for module, _, _ in tape.outputs:
+        calls[id(module)] = calls.get(id(module), 0) + 1
+    stat_nodes = [mu.grad_fn for _, mu, _ in tape.stats]
+    out = {}
+    for k, x in enumerate(tape.bn_inputs[:len(tape.stats)]):
+        hit = [(m, o, u) for m, o, u in tape.outputs if o is x]
+        if len(hit) != 1:
+            continue
+        module, z, u = hit[0]
+        if getattr(module, "transposed", False) or calls[id(module)] != 1 or z.grad_fn is None \
+                or counts.get(z.grad_fn, 0) != 1:
+            continue
+        own = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
+        if any(owners.get(id(p), 0) != 1 for p in own):
+            continue
+        q = [index[id(p)] for p in own if id(p) in index]
+        if not q:
+            continue
+        mu = tape.stats[k][1].detach()
+        shape = [1, -1] + [1] * (z.dim() - 2)
+        ps = [params[i] for i in q]
+        r1 = torch.autograd.grad(z, ps, grad_outputs=torch.ones_like(z), retain_graph=True)
+        rz = torch.autograd.grad(z, ps, grad_outputs=(z.detach() - mu.view(shape)), retain_graph=True)
+        others = [n for j, n in enumerate(stat_nodes) if j != k]
+        top = z.grad_fn not in _reachable(others)
+        out[k] = {"q": q, "r1": r1, "rz": rz, "M": z.numel() // z.shape[1],
+                  "input_free": u is None or not u.requires_grad, "top": top}
     return out
 
 
@@ -215,6 +331,7 @@ def coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk
         if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (B,):
             return None, {"losses": losses}     # the caller's check_losses reports it
         zero = _zero_biases(model, tape, losses, names)
+        closed = _closed_form_producers(model, tape, losses, names, params) if route is None else {}
         tape.outputs, tape.bn_inputs = [], []
         stats = [(mu, var) for _, mu, var in tape.stats]
         masks = list(tape.masks)
@@ -246,7 +363,22 @@ def coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk
             r = route or ("S" if (2 * C < B and s_ok) else "B")
             if not mu.requires_grad:
                 r = "none"      # statistics of an input no parameter feeds: J_k = 0
+            elif k in closed and closed[k]["input_free"]:
+                r = "closed"    # J_k is the closed-form block of the layer beneath alone
             plan.append(r)
+        # closed forms used: J_k alone ("closed") or W_k's block of a top BatchNorm (no pass needs W_k)
+        closed = {k: c for k, c in closed.items() if plan[k] == "closed" or (c["top"] and plan[k] != "none")}
+        # parameters whose J blocks are all closed form: no pass needs them (autograd skips their GEMMs)
+        skip = {q for c in closed.values() if c["top"] for q in c["q"]}
+        pass_q = [q for q in range(len(params)) if q not in skip]
+        pass_params = [params[q] for q in pass_q]
+
+        def vjp(outs, seeds):
+            g = _batched_vjp(outs, pass_params, seeds, batched) if pass_params else []
+            full = [None] * len(params)
+            for q, gq in zip(pass_q, g):
+                full[q] = gq
+            return full
         J = {}
         for k, r in enumerate(plan):
             if r != "S":
@@ -257,7 +389,7 @@ def coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk
             rows = [None] * len(params)
             for ch in _chunks(2 * C, chunk):
                 e = eye[ch]
-                g = _batched_vjp([mu, var], params, [e[:, :C], e[:, C:]], batched)
+                g = vjp([mu, var], [e[:, :C], e[:, C:]])
                 rows = [None if gq is None else (gq if rq is None else torch.cat([rq, gq])) for rq, gq in zip(rows, g)]
             J[k] = rows                     # per param [2C, *p.shape]
         b_calls = [k for k, r in enumerate(plan) if r == "B"]
@@ -285,15 +417,20 @@ def coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk
                     if Jq is not None:
                         add = (Vk @ Jq.reshape(Jq.shape[0], -1)).reshape(len(ch), *Jq.shape[1:])
                         jtv[q] = add if jtv[q] is None else jtv[q] + add
+            for k, c in closed.items():
+                vmu, vvar = v[2 * k] / c["M"], v[2 * k + 1] * (2.0 / c["M"])
+                for q, r1, rz in zip(c["q"], c["r1"], c["rz"]):
+                    add = (torch.einsum("ic,c...->ic...", vmu, r1) + torch.einsum("ic,c...->ic...", vvar, rz))
+                    jtv[q] = add if jtv[q] is None else jtv[q] + add
             if b_calls:
                 outs = [t_ for k in b_calls for t_ in stats[k]]
                 seeds = [v[2 * k + j] for k in b_calls for j in (0, 1)]
-                g = _batched_vjp(outs, params, seeds, batched)
+                g = vjp(outs, seeds)
                 jtv = [gq if jq is None else (jq if gq is None else jq + gq) for jq, gq in zip(jtv, g)]
             for q, n in enumerate(names):
                 gi = f[n] if jtv[q] is None else f[n] + jtv[q]
                 sq[n][ch] = gi.to(acc).reshape(len(ch), -1).square().sum(1)
     for n in zero:
         sq[n].zero_()
-    info = {"bn_calls": len(stats), "routes": plan, "dropout_masks": len(masks), "zero_biases": zero}
+    info = {"bn_calls": len(stats), "routes": plan, "closed_form": sorted(closed), "dropout_masks": len(masks), "zero_biases": zero}
     return sq, info

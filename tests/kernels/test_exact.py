@@ -267,6 +267,8 @@ def test_auto_takes_the_coupled_path_without_warning():
         warnings.simplefilter("error", ExactFallbackWarning)
         _, rep = exact_report(m, ce, x, y)
     assert rep["path"] == "coupled"
+    # stem conv on the data: J of its BN in closed form; block's bn2 and downsample BN are top BNs
+    assert rep["routes"][0] == "closed" and rep["closed_form"] == [0, 2, 3]
 
 
 @pytest.mark.parametrize("path", PATHS)

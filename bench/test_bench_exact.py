@@ -1,0 +1,159 @@
+"""mode="exact" per-sample gradient norms vs the real alternatives, on a small BN-CNN (3 conv+BN
+layers, CIFAR-like 3x16x16 inputs, 10 classes), B = 64, 2 threads.
+
+Rows (group "exact B64"): one plain forward+backward of the mean loss (the unit), the bnmem exact
+engine (auto path, and each path forced), the autograd loop (the reference: one forward, B calls of
+autograd.grad), `is_grads_batched` (one forward, one vmapped backward of the B one-hot seeds), and
+torch.func.jacrev (the full B x P Jacobian, on a copy of the model whose BatchNorms use batch
+statistics without running stats). Every row returns the same [B] norms (checked once, untimed).
+Peak memory comes from bench/_harness.py (torch's CPU allocator via the profiler). The last test
+puts the time and memory ratios into its extra_info (`ratios`), also written to
+bench/results/exact_ratios.json.
+"""
+import copy
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import _harness
+from bnmem_kernels.norms.exact import exact_report
+from bnmem_kernels.reference import per_sample_grad_norms as reference
+
+B = 64
+ROUNDS = 3
+GROUP = f"exact B{B}"
+_RESULTS: dict = {}
+
+
+def ce(o, t):
+    return F.cross_entropy(o, t, reduction="none")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+def bn_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def problem():
+    model = bn_cnn()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 3, 16, 16, generator=g)
+    y = torch.randint(0, 10, (B,), generator=g)
+    truth = reference(copy.deepcopy(model).double(), ce, x.double(), y, mode="exact")
+    return model, x, y, truth
+
+
+def plain(model, x, y):
+    model.zero_grad(set_to_none=True)
+    ce(model(x), y).mean().backward()
+
+
+def loop(model, x, y):
+    return reference(model, ce, x, y, mode="exact")
+
+
+def grads_batched(model, x, y):
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    losses = ce(model(x), y)
+    gs = torch.autograd.grad(losses, params, grad_outputs=torch.eye(B), is_grads_batched=True)
+    return torch.stack([g.reshape(B, -1).square().sum(1) for g in gs]).sum(0).sqrt()
+
+
+def jacrev_norms(model, x, y):
+    from torch.func import functional_call, jacrev
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    jac = jacrev(lambda p: ce(functional_call(model, p, (x,)), y))(params)
+    return torch.stack([j.reshape(B, -1).square().sum(1) for j in jac.values()]).sum(0).sqrt()
+
+
+def batch_stats_copy(model):
+    """jacrev cannot update running statistics inside its vmap: a copy whose BNs keep none."""
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.track_running_stats = False
+            mod.running_mean = mod.running_var = mod.num_batches_tracked = None
+    return m.train()
+
+
+ROWS = {
+    "plain_fwd_bwd": ("baseline", plain),
+    "bnmem_exact_auto": ("bnmem", lambda m, x, y: exact_report(m, ce, x, y)[0]),
+    "bnmem_exact_coupled": ("bnmem", lambda m, x, y: exact_report(m, ce, x, y, path="coupled")[0]),
+    "bnmem_exact_seed_batched": ("bnmem", lambda m, x, y: exact_report(m, ce, x, y, path="seed_batched")[0]),
+    "autograd_loop": ("alternative", loop),
+    "is_grads_batched": ("alternative", grads_batched),
+    "jacrev": ("alternative", jacrev_norms),
+}
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_exact(benchmark, problem, name):
+    role, fn = ROWS[name]
+    model, x, y, truth = problem
+    if name == "jacrev":
+        model = batch_stats_copy(model)
+    benchmark.group = GROUP
+    benchmark.extra_info.update(role=role, name=name, B=B, input=[3, 16, 16], threads=torch.get_num_threads(),
+                                device="cpu")
+    if name == "bnmem_exact_auto":
+        benchmark.extra_info["path"] = exact_report(model, ce, x, y)[1]["path"]
+    if role != "baseline":
+        try:
+            out = fn(model, x, y)
+        except Exception as exc:   # e.g. out of memory for the batched alternatives
+            return _harness.record_failure(benchmark, exc)
+        err = ((out.double() - truth).abs() / truth).max().item()
+        benchmark.extra_info["max_rel_err_vs_fp64_loop"] = err
+        assert err < 1e-4, err
+    benchmark.pedantic(fn, args=(model, x, y), rounds=ROUNDS, warmup_rounds=1 if role == "baseline" else 0)
+    _RESULTS[name] = {"min_s": benchmark.stats.stats.min, "median_s": benchmark.stats.stats.median}
+
+
+def test_ratios(benchmark, problem):
+    """Ratios of the rows above (time: min over rounds; memory: peak above the start)."""
+    model, x, y, _ = problem
+    mem = {}
+    for name, (_, fn) in ROWS.items():
+        m = batch_stats_copy(model) if name == "jacrev" else model
+        try:
+            mem[name] = _harness.peak_memory(fn, (m, x, y))["peak_mem_bytes"]
+        except Exception:
+            mem[name] = None
+    base_t = _RESULTS.get("plain_fwd_bwd", {}).get("min_s")
+    ratios = {"time_vs_plain": {}, "mem_vs_plain": {}, "speedup_auto_vs": {}}
+    for name, r in _RESULTS.items():
+        if base_t:
+            ratios["time_vs_plain"][name] = r["min_s"] / base_t
+        if mem.get(name) and mem.get("plain_fwd_bwd"):
+            ratios["mem_vs_plain"][name] = mem[name] / mem["plain_fwd_bwd"]
+    auto = _RESULTS.get("bnmem_exact_auto", {}).get("min_s")
+    for alt in ("autograd_loop", "is_grads_batched", "jacrev"):
+        if auto and alt in _RESULTS:
+            ratios["speedup_auto_vs"][alt] = _RESULTS[alt]["min_s"] / auto
+    ratios["peak_mem_bytes"] = mem
+    benchmark.group = GROUP + " ratios"
+    benchmark.extra_info.update(role="summary", ratios=ratios, peak_mem_bytes=mem.get("bnmem_exact_auto") or 0)
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    with open(os.path.join(os.path.dirname(__file__), "results", "exact_ratios.json"), "w") as fh:
+        json.dump(ratios, fh, indent=1)
+    benchmark.pedantic(lambda: None, rounds=1)
