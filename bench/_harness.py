@@ -88,15 +88,18 @@ class MeasuredBenchmarkFixture(BenchmarkFixture):
                  iterations=1):
         result = super().pedantic(target, args=args, kwargs=kwargs, setup=setup, teardown=teardown,
                                   rounds=rounds, warmup_rounds=warmup_rounds, iterations=iterations)
-        if not self.disabled and os.environ.get(MEMORY_ENV, "1") != "0":
-            kwargs = kwargs or {}
-            if setup is not None:  # set up outside the measured window, as pytest-benchmark times it
-                made = setup()
-                if made:
-                    args, kwargs = made
-            _measure_into(self, target, args, kwargs)
-            if teardown is not None:
-                teardown(*args, **kwargs)
+        if not self.disabled and os.environ.get(MEMORY_ENV, "1") != "0" and "peak_mem_bytes" not in self.extra_info:
+            try:
+                kwargs = kwargs or {}
+                if setup is not None:  # set up outside the measured window, as pytest-benchmark times it
+                    made = setup()
+                    if made:
+                        args, kwargs = made
+                _measure_into(self, target, args, kwargs)
+                if teardown is not None:
+                    teardown(*args, **kwargs)
+            except Exception as exc:  # the timing row stands without its memory
+                self.extra_info["peak_mem_error"] = f"{type(exc).__name__}: {exc}"[:_MAX_MESSAGE]
         return result
 
 
