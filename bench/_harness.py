@@ -7,11 +7,13 @@ bench/conftest.py wires this in for every bench file, with no cooperation from t
       - cuda: torch.cuda.reset_peak_memory_stats / max_memory_allocated (the caching allocator's
         live tensor bytes, not reserved memory);
       - cpu: torch's CPU allocator as seen by the profiler (profile_memory=True): the running sum of
-        every allocation and free of tensor storage during the call. Allocations made by worker
-        threads the profiler is not attached to (rare: kernels allocate their outputs on the calling
-        thread) and memory not owned by torch are not counted. torch 2.13 exposes no CPU allocator
-        statistics, and tracemalloc / peak RSS do not see tensor storage reliably (RSS keeps freed
-        pages and the process-wide high-water mark only grows), hence the profiler.
+        every allocation and free of tensor storage during the call (`peak_mem_torch_bytes`), plus
+        the tracemalloc peak of Python and numpy allocations in the same call
+        (`peak_mem_python_bytes`; numpy reports its buffers to tracemalloc, torch does not). The sum
+        is an upper bound when the two peaks fall at different moments. Not counted: allocations on
+        threads the profiler is not attached to (rare: kernels allocate their outputs on the
+        calling thread) and native memory outside both. torch 2.13 exposes no CPU allocator
+        statistics, and peak RSS keeps freed pages and only ever grows, hence the profiler.
     `BNMEM_BENCH_MEMORY=0` turns the extra call off. A file that measures memory itself and sets
     `extra_info["peak_mem_bytes"]` keeps its own value.
   * a benchmark test that raises becomes a row with `extra_info["status"] = "error"` (the test
@@ -50,10 +52,22 @@ def peak_memory(fn, args=(), kwargs=None, device: str = "cpu") -> dict:
         peak = torch.cuda.max_memory_allocated() - base
         return {"peak_mem_bytes": int(max(peak, 0)), "peak_mem_method": "torch.cuda.max_memory_allocated",
                 "peak_mem_device": "cuda"}
+    import tracemalloc
+
     from torch.autograd.profiler import profile
 
-    with profile(profile_memory=True) as prof:
-        fn(*args, **kwargs)
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    try:
+        with profile(profile_memory=True) as prof:  # tracemalloc's window inside: not the profiler's own
+            py_base = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            fn(*args, **kwargs)
+            py_peak = max(tracemalloc.get_traced_memory()[1] - py_base, 0)
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
     events = [e for e in prof.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     events.sort(key=lambda e: e.start_ns())
@@ -61,7 +75,9 @@ def peak_memory(fn, args=(), kwargs=None, device: str = "cpu") -> dict:
     for e in events:
         held += e.nbytes()
         peak = max(peak, held)
-    return {"peak_mem_bytes": int(peak), "peak_mem_method": "torch.profiler CPU allocator",
+    return {"peak_mem_bytes": int(peak + py_peak), "peak_mem_torch_bytes": int(peak),
+            "peak_mem_python_bytes": int(py_peak),
+            "peak_mem_method": "torch.profiler CPU allocator + tracemalloc (numpy, Python)",
             "peak_mem_device": "cpu"}
 
 

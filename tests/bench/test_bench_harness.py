@@ -32,6 +32,11 @@ def test_setup(benchmark):
     benchmark.extra_info.update(role="alternative", name="doubles", device="cpu")
     benchmark.pedantic(lambda x: x * 2, setup=lambda: ((torch.ones(1 << 16),), {}), rounds=2)
 
+def test_numpy(benchmark):
+    import numpy as np
+    benchmark.extra_info.update(role="alternative", name="numpy loop", device="cpu")
+    benchmark.pedantic(lambda: np.ones(1 << 18).sum(), rounds=1)
+
 def test_refuses(benchmark):
     benchmark.group = "g B8"
     benchmark.extra_info.update(role="alternative", name="opacus")
@@ -77,17 +82,20 @@ def test_rows_memory_and_failures(pytester, monkeypatch):
     out = pytester.path / "out.json"
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--benchmark-only",
                                           f"--benchmark-json={out}", "-q")
-    result.assert_outcomes(passed=5, failed=2, skipped=2)  # crashes + bnmem_raises fail the run
+    result.assert_outcomes(passed=6, failed=2, skipped=2)  # crashes + bnmem_raises fail the run
 
     data = json.loads(out.read_text())
     assert data["machine_info"]["bnmem"]["torch"]
     assert data["machine_info"]["bnmem_hardware"]["cpu_count"] >= 1
     rows = {b["name"].split(" [")[0]: b for b in data["benchmarks"]}
     assert set(rows) == {"test_ok", "test_setup", "test_refuses", "test_explicit", "test_crashes", "test_skips",
-                         "test_bnmem_raises", "test_probe_off"}
+                         "test_bnmem_raises", "test_probe_off", "test_numpy"}
     ok = rows["test_ok"]["extra_info"]
     assert ok["peak_mem_device"] == "cpu" and ok["peak_mem_bytes"] >= 1 << 20  # the 1 MiB buffer is seen
+    assert ok["peak_mem_torch_bytes"] >= 1 << 20 and ok["peak_mem_python_bytes"] < 1 << 16
     assert "status" not in ok and rows["test_ok"]["stats"]["rounds"] == 2
+    npy = rows["test_numpy"]["extra_info"]  # numpy buffers are seen through tracemalloc
+    assert npy["peak_mem_torch_bytes"] == 0 and npy["peak_mem_python_bytes"] >= 2 << 20
     # setup's input is allocated outside the measured window; the output (x * 2) inside it
     assert 1 << 18 <= rows["test_setup"]["extra_info"]["peak_mem_bytes"] < 2 << 18
     expect = {"test_refuses": ("failed", "ValueError: BatchNorm cannot support per-sample gradients"),
