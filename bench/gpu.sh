@@ -50,6 +50,7 @@ while [ $# -gt 0 ]; do
 done
 mkdir -p "$OUTDIR/bench" "$OUTDIR/results" || exit 2
 OUTDIR=$(cd "$OUTDIR" && pwd)
+[ "$DRY" = 1 ] || rm -f "$OUTDIR"/bench/*.json  # a reused OUTDIR must not report an earlier run's rows
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}
 
