@@ -58,6 +58,12 @@ def build_parser():
     r.add_argument("--seed", type=int)
     r.add_argument("--workers", type=int, help="training processes (default: all cores)")
     r.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
+    r.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local worker processes (default) or Ray tasks (pip install 'bnmem[ray]')")
+    r.add_argument("--ray-address", dest="ray_address", help="Ray cluster to join (auto, ray://HEAD:10001); "
+                   "default: start a local Ray instance")
+    from .mitigate import add_parser as add_mitigate_parser
+    add_mitigate_parser(sub)
     rep = sub.add_parser("report", help="re-render the report of a run folder")
     rep.add_argument("dir")
     return p
@@ -83,9 +89,13 @@ def _main(argv) -> int:
         cfg = build_config(quick=args.quick, toml_path=args.config,
                            overrides={k: getattr(args, k) for k in OVERRIDE_KEYS})
         t0 = time.perf_counter()
-        rf = run(cfg, args.out)
+        from .ray_executor import make_pool
+        rf = run(cfg, args.out, pool=make_pool(args.executor, workers=cfg.workers, ray_address=args.ray_address))
         print(f"bnmem run finished in {time.perf_counter() - t0:.1f} s: {rf.path('report.md')}")
         return 0
+    if args.command == "mitigate":
+        from .mitigate import main as mitigate_main
+        return mitigate_main(args)
     if args.command == "report":
         from . import report
         from .runfolder import RunFolder

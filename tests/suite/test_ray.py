@@ -140,3 +140,12 @@ def test_make_pool_and_bad_args():
         RayPool(max_retries=-1)
     with pytest.raises(ValueError, match="ship_files"):
         RayPool(ship_files="yes")
+
+
+def test_cli_flags_parse():
+    from bnmem.cli import build_parser
+    a = build_parser().parse_args(["run", "--quick", "--executor", "ray", "--ray-address", "auto"])
+    assert a.executor == "ray" and a.ray_address == "auto"
+    assert build_parser().parse_args(["run"]).executor == "local"
+    m = build_parser().parse_args(["mitigate", "--quick", "--arms", "bn,ghost", "--executor", "ray"])
+    assert m.arms == ["bn", "ghost"] and m.executor == "ray"
