@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu.sh OUTDIR [--budget S] [--skip STEP,...] [--bench-args "PYTEST ARGS"] [--pack FILE] [--dry-run]
 #   bash bench/gpu.sh --fetch-wheels      # on a machine WITH internet: fill bench/wheels/ first
+#                                         # (BNMEM_WHEELS=DIR: another folder, for both uses)
 #
 # Steps, each with its own time limit taken from what is left of the budget; a step that fails or
 # runs out of time is recorded and the next one runs anyway:
@@ -23,7 +24,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 PYTHON=${PYTHON:-python3}
-WHEELS="bench/wheels"
+WHEELS=${BNMEM_WHEELS:-bench/wheels}
 # Packages the GPU image may lack (pure-Python wheels; their other needs are in the image).
 WHEEL_PINS=(opacus==1.6.0 backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 mlxtend==0.25.0)
 
@@ -31,7 +32,9 @@ usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
   mkdir -p "$WHEELS"
-  exec "$PYTHON" -m pip download --no-deps --only-binary=:all: -d "$WHEELS" "${WHEEL_PINS[@]}"
+  # for the GPU image's CPython 3.12 on x86-64 (these are pure-Python wheels; the tags keep it so)
+  exec "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version "${BNMEM_WHEEL_PY:-3.12}" \
+    --implementation cp --platform manylinux2014_x86_64 --platform any -d "$WHEELS" "${WHEEL_PINS[@]}"
 fi
 [ $# -ge 1 ] || usage
 case "$1" in -h|--help) usage 0 ;; -*) usage ;; esac
