@@ -16,7 +16,7 @@ from .errors import BnmemError
 
 DATASETS = ("mnist", "digits", "cifar10")
 VARIANTS = ("bn", "gn", "ln", "none", "bn-frozen")
-ARCHS = ("cnn", "mlp")
+ARCHS = ("cnn", "mlp", "resnet8", "resnet18")  # resnet*: resnet.py (CIFAR-style)
 CANARY_KINDS = ("mislabeled", "other_domain", "noise", "near_ood")
 # attack name -> minimum number of shadow models it needs (leave-one-model-out leaves M-1 models,
 # about half of them IN and half OUT for each example).

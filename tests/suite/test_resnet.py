@@ -148,3 +148,25 @@ def test_frozen_resnet_bn_uses_running_stats():
         a = m(x)[:2]
         b = m(x[:2])
     torch.testing.assert_close(a, b)  # no batch statistics: a sample's output ignores the others
+
+
+def test_resnet_trains_in_the_suite_on_cifar(tmp_path):
+    """`--arch resnet8 --dataset cifar10`: config accepted, data built from pickle batches, one shadow model trained."""
+    from bnmem import train
+    from bnmem.runfolder import RunFolder, load_state_dict, read_npz, write_npz
+    cifar.write_synthetic_cifar(tmp_path / "c", n_per_batch=30, seed=3)
+    cfg = build_config(overrides=dict(dataset="cifar10", data_dir=str(tmp_path / "c"), arch="resnet8", width=2,
+                                      image_size=8, n_in=40, n_test=20,
+                                      canaries={k: 2 for k in ("mislabeled", "other_domain", "noise", "near_ood")},
+                                      models=4, epochs=1, variants=["bn"], exact_models=1, exact_points=1,
+                                      probe_batch=4, batch_size=16, workers=1, progress=False))
+    rf = RunFolder(tmp_path / "run")
+    rf.open_for(cfg)
+    arrays, _ = data.build(cfg)
+    write_npz(rf.path("data.npz"), **arrays)
+    r = train.train_one(rf.root, {**cfg.hashed_dict(), "data_dir": cfg.data_dir}, "bn", 0)
+    assert train.is_done(rf.root, "bn", 0) and 0 <= r["test_acc"] <= 1
+    m = build_model("resnet8", "bn", (3, 8, 8), 10, 2)
+    m.load_state_dict(load_state_dict(train.model_paths(rf.root, "bn", 0)[0]))
+    tr = read_npz(train.model_paths(rf.root, "bn", 0)[1])
+    assert np.isfinite(tr["sched_norms"]).all() and tr["sched_norms"].shape[-1] == 4
