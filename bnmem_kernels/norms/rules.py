@@ -289,7 +289,7 @@ class BatchNormRule(Rule):
             mean = module.running_mean.detach().to(acc).clone()
             rstd = torch.rsqrt(module.running_var.detach().to(acc) + module.eps)
         else:
-            saved = None if mode == "detached" else _saved_stats(output, "NativeBatchNormBackward0")
+            saved = _saved_stats(output, "NativeBatchNormBackward0")
             if saved is not None and saved[0].numel() == x.shape[1] and saved[1].numel() == x.shape[1]:
                 mean, rstd = saved[0].detach().to(acc), saved[1].detach().to(acc)
             else:
@@ -311,11 +311,11 @@ class BatchNormRule(Rule):
             with torch.no_grad():
                 var, mean = torch.var_mean(x.detach().to(_acc(x)), dim=[0] + list(range(2, x.dim())), correction=0)
                 rstd = torch.rsqrt(var + module.eps)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        y = (x - mean.to(x.dtype).view(shape)) * rstd.to(x.dtype).view(shape)
-        if module.weight is not None:
-            y = y * module.weight.view(shape) + module.bias.view(shape)
-        return y
+        # eval-mode batch_norm with the batch statistics passed as constants: one fused op whose backward
+        # treats them as constants. var = rstd^-2 with eps = 0 reproduces rstd to rounding.
+        var = rstd.reciprocal().square()
+        return F.batch_norm(x, mean.to(x.dtype).reshape(-1), var.to(x.dtype).reshape(-1), module.weight, module.bias,
+                            training=False, momentum=0.0, eps=0.0)
 
     def sq_norms(self, module, state, grad_out, backend):
         x = state["x"]
