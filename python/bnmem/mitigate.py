@@ -73,13 +73,13 @@ def default_arms(cfg, *, kinds=ARM_KINDS, batch_factor: int = 4, virtual_batch: 
         raise BnmemError(f"unknown mitigation arm(s) {', '.join(sorted(unknown))}; choose from {', '.join(ARM_KINDS)}")
     if "bn" not in kinds:
         raise BnmemError("the mitigation study needs the bn arm (the baseline every arm is compared with)")
-    if batch_factor < 2:
+    if "batch" in kinds and batch_factor < 2:
         raise BnmemError(f"--batch-factor must be >= 2 (a larger batch than {B}), got {batch_factor}")
-    if not 2 <= V < B:
+    if "ghost" in kinds and not 2 <= V < B:
         raise BnmemError(f"--virtual-batch must be in [2, batch size {B}), got {V}")
-    if not 1 <= freeze_after < E:
+    if "freeze" in kinds and not 1 <= freeze_after < E:
         raise BnmemError(f"--freeze-after must be in [1, epochs-1 = {E - 1}] warm-up epochs, got {freeze_after}")
-    if not 1 <= eval_last < E:
+    if "eval-last" in kinds and not 1 <= eval_last < E:
         raise BnmemError(f"--eval-last must be in [1, epochs-1 = {E - 1}], got {eval_last}")
     arms = []
     for k in kinds:

@@ -272,5 +272,8 @@ def make_pool(executor: str, *, workers: int = 0, ray_address: str | None = None
         from .executor import Pool
         return Pool(workers)
     if executor == "ray":
+        if workers == 1:
+            raise BnmemError("--workers 1 trains in this process, not on Ray; leave --workers out with --executor ray "
+                             "(Ray schedules the units over the cluster's CPUs)")
         return RayPool(ray_address, **ray_kwargs)
     raise BnmemError(f"unknown executor {executor!r}; choose local or ray")

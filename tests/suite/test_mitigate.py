@@ -147,7 +147,7 @@ def test_default_arms_and_grouping():
 
 def test_mitigation_study_micro(tmp_path):
     """Two arms (bn and ghost BN) end to end on the micro config: table, CSV, plot, index."""
-    base = build_config(overrides={**MICRO, "variants": ["bn"]})
+    base = build_config(overrides={**MICRO, "variants": ["bn"], "epochs": 1, "bootstrap": 5})
     arms = mitigate.default_arms(base, kinds=("bn", "ghost"), virtual_batch=4)
     st = mitigate.run_study(base, arms, str(tmp_path), log=lambda *a: None)
     rows = {r["arm"]: r for r in st["rows"]}

@@ -134,6 +134,8 @@ def test_make_pool_and_bad_args():
     from bnmem.executor import Pool
     assert isinstance(make_pool("local", workers=1), Pool)
     assert isinstance(make_pool("ray", ray_address="auto"), RayPool)
+    with pytest.raises(BnmemError, match="workers 1"):
+        make_pool("ray", workers=1)
     with pytest.raises(BnmemError, match="unknown executor"):
         make_pool("dask")
     with pytest.raises(ValueError, match="max_retries"):
