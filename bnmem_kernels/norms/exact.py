@@ -19,9 +19,11 @@ Both give the loop's numbers (the paths differ only by rounding); neither change
 
 Dropout: one forward means one mask. Both paths use the masks of their single batch forward,
 as the autograd loop does after its one forward (with the same RNG state, the same masks).
-`max_chunk`: at most this many samples (seeds) per batched pass; None -> DEFAULT_CHUNK. Memory
-grows with the chunk, time falls with it. `backend` is accepted for the public signature; these
-paths run on PyTorch ops on the inputs' device.
+`max_chunk`: at most this many samples per per-sample (vmap) chunk and seeds per batched pass;
+None -> DEFAULT_CHUNK. Memory grows with the chunk. On CPU the seed passes run one seed at a time
+(torch's batched backward, is_grads_batched, measured ~3x slower there), on GPUs batched per chunk.
+`backend` is validated and otherwise unused: these paths run on PyTorch ops on the inputs' device
+(the bn_seeded_backward kernel is not on their critical path yet).
 The model is left exactly as it was (training flags, buffers incl. BN running stats and
 num_batches_tracked, .grad, hooks).
 """
@@ -31,6 +33,7 @@ import warnings
 
 import torch
 
+from .. import _backend
 from ._checks import check_call, check_losses, result_dtype, trainable_parameters
 from ._state import preserved_model_state, set_mode
 
@@ -57,6 +60,8 @@ def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=No
     from .exact_fallback import seed_batched_sq_norms
 
     args, B = check_call(model, loss_fn, inputs, targets, "exact", max_chunk, per_layer)
+    if backend is not None and backend != "auto" and backend not in _backend.BACKENDS:
+        raise ValueError(f"unknown backend={backend!r}; choose one of {_backend.BACKENDS} or 'auto'")
     if path not in ("auto", "coupled", "seed_batched"):
         raise ValueError(f"path must be 'auto', 'coupled' or 'seed_batched', got {path!r}")
     named = trainable_parameters(model)

@@ -195,7 +195,7 @@ def test_batched_and_per_seed_vjps_agree(batched):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_chunk_sizes_give_the_same_result(path):
-    B = 7
+    B = 5
     m, shape, k = make("cnn")
     x, y = data(shape, B, k)
     outs = [exact_report(m, ce, x, y, path=path, max_chunk=c)[0] for c in range(1, B + 1)]
@@ -310,7 +310,20 @@ def test_public_entry_point_and_errors():
         exact_per_sample_grad_norms(lambda z: z, ce, x, y)
     with pytest.raises(ValueError, match="targets must have the batch size"):
         exact_per_sample_grad_norms(m, ce, x, y[:3])
+    with pytest.raises(ValueError, match="unknown backend"):
+        exact_per_sample_grad_norms(m, ce, x, y, backend="gpu")
     m1, s1, k1 = make("mlp_bn1d")
     x1, y1 = data(s1, 1, k1)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         exact_per_sample_grad_norms(m1, ce, x1, y1)
+
+
+def test_public_api_routes_exact_here():
+    import bnmem_kernels
+
+    m, shape, k = make("resnet_bottleneck")
+    x, y = data(shape, 5, k)
+    exp, exp_pl = reference(m, ce, x, y, mode="exact", per_layer=True)
+    out, pl = bnmem_kernels.per_sample_grad_norms(m, ce, x, y, mode="exact", per_layer=True, max_chunk=2)
+    assert rel(out, exp) <= 1e-10
+    check_per_layer(pl, exp_pl, exp.max().item(), 1e-10)
