@@ -14,9 +14,10 @@ default; a deterministic bug is raised at once instead of being retried). A fini
 disk the moment its task ends (train_one writes its files atomically), so a retry, a driver crash
 or a rerun never loses or retrains it: the stages skip finished units.
 
-Files: with a run folder on a filesystem every node sees (one machine, or NFS), tasks read and write
-it directly. When a worker cannot see the run folder (`ship_files="auto"` checks the manifest's
-config hash on the worker; True forces it), the task gets the files it reads from the driver
+Files: by default (`ship_files=False`) the run folder must be on a filesystem every node sees (one
+machine, or NFS); tasks read and write it directly. With `ship_files=True` (or "auto": ship only
+where a worker does not see the run folder's manifest with the same config hash; this puts every
+input file into the object store up front), the task gets the files it reads from the driver
 through Ray's object store, runs in a scratch copy of the folder and sends back the files it
 wrote, which the driver writes atomically into the run folder before the task counts as done.
 """
@@ -31,6 +32,10 @@ import threading
 from .errors import BnmemError
 
 DEFAULT_RETRY_EXCEPTIONS = (OSError, MemoryError)
+
+
+class RunFolderNotVisible(RuntimeError):
+    """A Ray worker cannot see the run folder (not retried: it will not appear)."""
 
 
 def import_ray():
@@ -75,6 +80,10 @@ def _run_unit(fn, args, ship, files_in):
         if ship:
             files_in = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in files_in.items()}
     if not ship:
+        if not os.path.isdir(root):
+            import socket
+            raise RunFolderNotVisible(f"run folder {root} is not visible on Ray node {socket.gethostname()}: put --out on "
+                                    "a filesystem every node mounts, or use RayPool(ship_files=True)")
         return fn(*args), None
     scratch = tempfile.mkdtemp(prefix="bnmem-ray-")
     try:
@@ -197,7 +206,7 @@ class RayPool:
     """
 
     def __init__(self, address: str | None = None, *, num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 3,
-                 retry_exceptions=DEFAULT_RETRY_EXCEPTIONS, ship_files="auto", init_kwargs: dict | None = None):
+                 retry_exceptions=DEFAULT_RETRY_EXCEPTIONS, ship_files=False, init_kwargs: dict | None = None):
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         if ship_files not in ("auto", True, False):

@@ -123,9 +123,14 @@ def test_killed_worker_is_retried_and_finished_models_kept(local_ray, local_run,
 
 
 def test_task_exception_keeps_its_type(local_ray, tmp_path):
+    from bnmem.ray_executor import RunFolderNotVisible
+    (tmp_path / "data.npz").write_bytes(b"not an npz")
     with RayPool() as pool:
+        fut = pool.executor().submit(train.train_one, str(tmp_path), {}, "bn", 0)
+        with pytest.raises(ValueError):  # np.load's own error, raised at once (not a retried type)
+            fut.result(timeout=120)
         fut = pool.executor().submit(train.train_one, str(tmp_path / "nowhere"), {}, "bn", 0)
-        with pytest.raises(FileNotFoundError):
+        with pytest.raises(RunFolderNotVisible, match="not visible on Ray node"):
             fut.result(timeout=120)
 
 
