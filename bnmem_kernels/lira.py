@@ -72,7 +72,8 @@ def rmia_scores(prob: torch.Tensor, keep: torch.Tensor, population: torch.Tensor
     target's non-members). score[t, x] = |{z in Z_t : ratio(x) / ratio(z) > gamma}| / |Z_t|, a
     fraction in [0, 1]. Leave-one-model-out as in lira_scores. NaN (with one warning) where the
     other models give no out-model (offline) or no in- or out-model (online).
-    Backend: "reference" (vectorized PyTorch, one sort per target + searchsorted; any device).
+    Backend: "reference" only (vectorized PyTorch, one sort per target + searchsorted, any device;
+    BNMEM_BACKEND is not consulted, an explicit other backend raises BackendUnavailableError).
     """
     return _ls.rmia_scores(prob, keep, population, gamma=gamma, a=a, offline=offline, backend=backend)
 

@@ -2,6 +2,8 @@
 
 Same points as sklearn.metrics.roc_curve(y, scores, drop_intermediate=False): one point per
 distinct score (descending thresholds), preceded by (0, 0) (sklearn's threshold = inf point).
+`backend`: None or "reference" (the only implementation, plain PyTorch on any device; the
+BNMEM_BACKEND variable is not consulted, an explicit other backend raises).
 roc_auc is the trapezoidal area under those points, equal to sklearn.metrics.roc_auc_score
 (ties between a member and a non-member count 1/2). Higher score = predicted member.
 """
@@ -38,7 +40,8 @@ def _check(scores, is_member):
 
 def roc_curve(scores: torch.Tensor, is_member: torch.Tensor, *, backend: str | None = None):
     """(fpr, tpr), fp64 tensors on the scores' device, as sklearn's roc_curve(drop_intermediate=False)."""
-    _backend.select_backend("roc_curve", scores.device, backend, ("reference",))
+    if backend is not None:  # one implementation; BNMEM_BACKEND (a preference among several) is not consulted
+        _backend.select_backend("roc_curve", scores.device, backend, ("reference",))
     s, m = _check(scores, is_member)
     order = torch.argsort(s, descending=True, stable=True)
     s, m = s[order], m[order]

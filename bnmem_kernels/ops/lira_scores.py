@@ -155,7 +155,8 @@ def rmia_scores(prob, keep, population=None, *, gamma=1.0, a=0.3, offline=True, 
         raise ValueError(f"gamma must be > 0, got {gamma}")
     if not 0 <= a <= 1:
         raise ValueError(f"a must be in [0, 1], got {a}")
-    _backend.select_backend("rmia_scores", prob.device, backend, RMIA_IMPLEMENTED)
+    if backend is not None:  # one implementation: BNMEM_BACKEND is not consulted, an explicit other raises
+        _backend.select_backend("rmia_scores", prob.device, backend, RMIA_IMPLEMENTED)
     k = keep.to(torch.int64)
     n_in, n_out = k.sum(0) - k, (1 - k).sum(0) - (1 - k)
     valid = (n_out >= 1) if offline else (n_out >= 1) & (n_in >= 1)

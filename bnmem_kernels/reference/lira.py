@@ -152,16 +152,22 @@ def log_ndtr(z: torch.Tensor) -> torch.Tensor:
 
 def global_std(conf: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """[2, M, A] fp64: for target t, the population std per augmentation of all in-values (row 0)
-    resp. out-values (row 1) of all examples, over the models other than t. NaN where < 2 values."""
+    resp. out-values (row 1) of all examples, over the models other than t. NaN where < 2 values.
+
+    Per model m: count, sum and sum of squares (centred on the group's grand mean, fp64) of its
+    in-values (out-values); target t's pool = totals minus its own. Reductions over N as batched
+    matrix products ([M, 1, N] @ [M, N, A])."""
     x = conf.double()
     res = []
     for g in (keep, ~keep):
-        w = g[..., None].double()  # [M, N, 1]
-        cnt_m = w.sum(1)  # [M, 1]
+        w = g.double()[:, None, :]  # [M, 1, N]
+        cnt_m = w.sum(2)  # [M, 1]
         cnt = cnt_m.sum(0)  # [1]
-        c = (x * w).sum((0, 1)) / cnt.clamp_min(1)  # [A], grand mean (centre first)
-        d = (x - c) * w
-        s_m, q_m = d.sum(1), (d * d).sum(1)  # [M, A]
+        s_m = torch.bmm(w, x).squeeze(1)  # [M, A]
+        c = s_m.sum(0) / cnt.clamp_min(1)  # [A], grand mean (centre first)
+        d = x - c
+        s_m = s_m - cnt_m * c  # sums of centred values
+        q_m = torch.bmm(w, d * d).squeeze(1)
         n_t = cnt - cnt_m  # [M, 1]
         s_t, q_t = s_m.sum(0) - s_m, q_m.sum(0) - q_m
         var = q_t / n_t - (s_t / n_t) ** 2

@@ -22,8 +22,9 @@ namespace {
 
 constexpr double kLogSqrt2Pi = 0.91893853320467274178;  // 0.5 log(2 pi)
 
-// log Phi(z): erfc in the body, a 40-term continued fraction of the Mills ratio in the tails
-// (accurate to ~1e-15 relative for |z| > 3), log1p for the upper tail.
+// log Phi(z) as scipy's log_ndtr: log(erfc(-z / sqrt 2) / 2) down to z = -20 (erfc keeps full
+// relative precision there), log1p(-Phi(-z)) above z = 3, and below z = -20 a 40-term continued
+// fraction of the Mills ratio (converged to ~1e-16 there).
 inline double log_ndtr_tail(double z) {  // z < -3
   const double x = -z;
   double r = x;
@@ -31,9 +32,10 @@ inline double log_ndtr_tail(double z) {  // z < -3
   return -0.5 * x * x - kLogSqrt2Pi - std::log(r);
 }
 inline double log_ndtr(double z) {
-  if (z < -3.0) return log_ndtr_tail(z);
-  if (z > 3.0) return std::log1p(-std::exp(log_ndtr_tail(-z)));
-  return std::log(0.5 * std::erfc(-z * 0.70710678118654752440));
+  constexpr double kInvSqrt2 = 0.70710678118654752440;
+  if (z > 3.0) return std::log1p(-0.5 * std::erfc(z * kInvSqrt2));
+  if (z < -20.0) return log_ndtr_tail(z);
+  return std::log(0.5 * std::erfc(-z * kInvSqrt2));
 }
 
 // Median (numpy convention) of the sorted values s[0..L) without one copy of x (x in the list).

@@ -24,17 +24,20 @@ constexpr int kRows = 8;  // threads over models per example column
 constexpr double kLogSqrt2PiD = 0.91893853320467274178;
 
 template <typename T>
-__device__ __forceinline__ T log_ndtr_tail(T z) {  // z < -3: continued fraction of the Mills ratio
+__device__ __forceinline__ T log_ndtr_tail(T z) {  // z < -10: continued fraction of the Mills ratio
   const T x = -z;
   T r = x;
   for (int k = 40; k >= 1; --k) r = x + T(k) / r;
   return T(-0.5) * x * x - T(kLogSqrt2PiD) - log(r);
 }
 
+// log Phi(z) as scipy's log_ndtr: erfc down to where it would underflow (z = -20 in fp64, -10 in
+// fp32), the continued fraction below, log1p(-Phi(-z)) above z = 3.
 template <typename T>
 __device__ __forceinline__ T log_ndtr(T z) {
-  if (z < T(-3)) return log_ndtr_tail(z);
-  if (z > T(3)) return log1p(-exp(log_ndtr_tail(-z)));
+  constexpr T kLow = sizeof(T) == 8 ? T(-20) : T(-10);
+  if (z > T(3)) return log1p(T(-0.5) * erfc(z * T(0.70710678118654752440)));
+  if (z < kLow) return log_ndtr_tail(z);
   return log(T(0.5) * erfc(-z * T(0.70710678118654752440)));
 }
 

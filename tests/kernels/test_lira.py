@@ -139,6 +139,24 @@ def test_logit_confidence_cuda(device, backend):
     assert got.tolist() == [1000.0, -2000.0, -1000.0]
 
 
+@pytest.mark.parametrize("backend", backend_params("cpu", ("cpu", "triton", "reference")))
+def test_offline_tails(backend):
+    """log Phi far in both tails (z from about -1200 to +1200) and -log N far out, elementwise."""
+    M, N = 6, 64
+    keep = torch.zeros(M, N, dtype=torch.bool)
+    keep[:3] = True
+    g = torch.Generator().manual_seed(5)
+    conf = torch.randn(M, N, 1, generator=g, dtype=torch.float64) * 0.05
+    conf[:3] = torch.linspace(-60, 60, N, dtype=torch.float64)[None, :, None]
+    for stat in ("one_sided", "logpdf"):
+        got = lira.lira_scores(conf, keep, online=False, offline_stat=stat, backend=backend).numpy()
+        want = ref.lira_scores_loop(conf.numpy(), keep.numpy(), online=False, offline_stat=stat)
+        ok = ~np.isnan(want)
+        assert np.array_equal(ok, ~np.isnan(got))
+        rel = np.abs(got[ok] - want[ok]) / np.maximum(np.abs(want[ok]), 1e-300)
+        assert rel.max() <= 1e-9, (stat, rel.max())
+
+
 @pytest.mark.parametrize("backend", backend_params("cpu", ("cpu", "reference")))
 def test_half_inputs_are_widened(backend):
     conf, keep = make_data(6, 9, 2, False)

@@ -77,3 +77,13 @@ def test_shapes_and_bad_inputs():
         metrics.tpr_at_fpr(s, m, 1.5)
     with pytest.raises(TypeError, match="scores must be a torch.Tensor"):
         metrics.roc_auc(s.numpy(), m)
+
+
+def test_backend_argument(monkeypatch):
+    s, m = cases()[0]
+    monkeypatch.setenv("BNMEM_BACKEND", "cpu")  # a preference among several: not consulted here
+    assert metrics.roc_auc(s, m) == metrics.roc_auc(s, m, backend="reference")
+    from bnmem_kernels import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="has no 'cpu' implementation"):
+        metrics.roc_auc(s, m, backend="cpu")
