@@ -14,7 +14,9 @@ Paths (`exact_report` says which ran and why):
   with statistics held fixed must reproduce the batch forward's), and every op has a vmap rule.
 - "seed_batched" (exact_fallback.py): any model. One forward, then batched VJPs of chunks of
   per-sample losses (is_grads_batched), or one seed at a time where an op has no batching rule.
-  Taken when "coupled" refuses; a warning (once per reason) says so.
+  Taken when "coupled" refuses (a warning, once per reason, says so), and on CPU when the coupled
+  plan needs no fewer backward passes than B (policy, no warning: the passes cost the same there;
+  e.g. a 3-conv BN-CNN at B = 64, where the coupled plan needs 64 passes, but not at B = 256).
 Both give the loop's numbers (the paths differ only by rounding); neither changes numbers silently.
 
 Dropout: one forward means one mask. Both paths use the masks of their single batch forward,
@@ -51,12 +53,14 @@ def _acc(dtype):
 def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=None, max_chunk=None,
                  path="auto", route=None):
     """Run mode="exact" and return (result, report): report = {"path": "coupled" | "seed_batched",
-    "reason": why the fallback ran ("" otherwise), "chunk": ..., "routes": per BatchNorm call}.
+    "reason": why the general engine ran ("" otherwise; "policy: ..." when the coupled plan would
+    need no fewer backward passes than the seed loop on CPU, where passes are not batched),
+    "chunk": ..., "routes": per BatchNorm call, "passes": backward passes of the coupled plan}.
 
     `path`: "auto" (coupled, falling back when it refuses), "coupled" (raise instead of falling
     back) or "seed_batched". `route`: None, "B" or "S" (force the coupled path's route; tests).
     """
-    from .exact_coupled import Unsupported, coupled_sq_norms
+    from .exact_coupled import NotCheaper, Unsupported, batched_seeds_default, coupled_sq_norms
     from .exact_fallback import seed_batched_sq_norms
 
     args, B = check_call(model, loss_fn, inputs, targets, "exact", max_chunk, per_layer)
@@ -76,11 +80,17 @@ def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=No
         if path in ("auto", "coupled"):
             set_mode(model, "exact")
             try:
-                sq, info = coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk, route)
+                # on CPU the passes run one by one and cost what the loop's do: the coupled path only
+                # pays off when its plan needs fewer passes than B (S-route rows, closed forms)
+                policy = path == "auto" and not batched_seeds_default(args[0].device)
+                sq, info = coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk, route,
+                                            only_if_fewer_passes=policy)
                 if sq is None:
                     check_losses(info["losses"], B)
                 report.update(info)
                 report["path"] = "coupled"
+            except NotCheaper as exc:
+                report["reason"] = f"policy: {exc}"
             except Unsupported as exc:
                 if path == "coupled":
                     raise

@@ -43,6 +43,11 @@ class Unsupported(Exception):
     """This engine cannot vouch for the model; the message says why (the caller falls back)."""
 
 
+class NotCheaper(Exception):
+    """The coupled plan needs at least as many backward passes as the seed loop (policy, not a
+    limitation): the caller runs the general engine instead, without a warning."""
+
+
 class _Tape:
     """Phase 1 records BatchNorm statistics and dropout masks in call order; phase 2 replays them."""
 
@@ -311,10 +316,13 @@ def _batched_vjp(outputs, params, seeds, batched=True):
     return [None if per[0][q] is None else torch.stack([g[q] for g in per]) for q in range(len(params))]
 
 
-def coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk, route=None, batched=None):
+def coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk, route=None, batched=None,
+                     only_if_fewer_passes=False):
     """{name: [B] squared exact per-sample gradient norms}, plus a dict describing what ran.
 
     `route`: None (per BatchNorm call, the cheaper of "B" and "S"), or force "B" / "S" (tests).
+    `only_if_fewer_passes`: raise NotCheaper when the plan needs >= B backward passes (B-route
+    seeds plus S-route rows), i.e. no fewer than the general engine's B.
     Raises Unsupported when it cannot vouch for the model. Caller sets train mode and restores state.
     """
     from torch.func import functional_call, grad, vmap
@@ -366,6 +374,10 @@ def coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk
             elif k in closed and closed[k]["input_free"]:
                 r = "closed"    # J_k is the closed-form block of the layer beneath alone
             plan.append(r)
+        n_passes = (B if any(r == "B" for r in plan) else 0) + sum(
+            2 * stats[k][0].numel() for k, r in enumerate(plan) if r == "S")
+        if only_if_fewer_passes and n_passes >= B:
+            raise NotCheaper(f"the coupled plan needs {n_passes} backward passes, the seed loop {B}")
         # closed forms used: J_k alone ("closed") or W_k's block of a top BatchNorm (no pass needs W_k)
         closed = {k: c for k, c in closed.items() if plan[k] == "closed" or (c["top"] and plan[k] != "none")}
         # parameters whose J blocks are all closed form: no pass needs them (autograd skips their GEMMs)
@@ -432,5 +444,5 @@ def coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk
                 sq[n][ch] = gi.to(acc).reshape(len(ch), -1).square().sum(1)
     for n in zero:
         sq[n].zero_()
-    info = {"bn_calls": len(stats), "routes": plan, "closed_form": sorted(closed), "dropout_masks": len(masks), "zero_biases": zero}
+    info = {"bn_calls": len(stats), "routes": plan, "passes": n_passes, "closed_form": sorted(closed), "dropout_masks": len(masks), "zero_biases": zero}
     return sq, info

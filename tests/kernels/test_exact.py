@@ -250,7 +250,7 @@ def test_dropout_one_forward_one_mask(path):
 
 def test_unknown_coupling_falls_back_with_a_warning():
     m, shape, k = make("coupled_custom")
-    x, y = data(shape, 6, k)
+    x, y = data(shape, 12, k)        # B > 2C: the coupled plan is cheaper, so auto tries it
     exp = reference(m, ce, x, y, mode="exact")
     with pytest.warns(ExactFallbackWarning, match="couples samples other than through BatchNorm"):
         out, rep = exact_report(m, ce, x, y)
@@ -262,13 +262,24 @@ def test_unknown_coupling_falls_back_with_a_warning():
 
 def test_auto_takes_the_coupled_path_without_warning():
     m, shape, k = make("resnet_basic")
-    x, y = data(shape, 4, k)
+    x, y = data(shape, 30, k)        # 24 passes (S routes) < B = 30
     with warnings.catch_warnings():
         warnings.simplefilter("error", ExactFallbackWarning)
-        _, rep = exact_report(m, ce, x, y)
-    assert rep["path"] == "coupled"
+        out, rep = exact_report(m, ce, x, y)
+    assert rep["path"] == "coupled" and rep["passes"] == 24
     # stem conv on the data: J of its BN in closed form; block's bn2 and downsample BN are top BNs
-    assert rep["routes"][0] == "closed" and rep["closed_form"] == [0, 2, 3]
+    assert rep["routes"] == ["closed", "S", "S", "S"] and rep["closed_form"] == [0, 2, 3]
+    assert rel(out, reference(m, ce, x, y, mode="exact")) <= 1e-10
+
+
+def test_auto_policy_on_cpu_takes_the_loop_when_the_plan_is_not_cheaper():
+    m, shape, k = make("resnet_basic")
+    x, y = data(shape, 4, k)         # B-route: 4 passes, no fewer than the loop's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExactFallbackWarning)
+        out, rep = exact_report(m, ce, x, y)
+    assert rep["path"] == "seed_batched" and rep["reason"].startswith("policy:")
+    assert rel(out, reference(m, ce, x, y, mode="exact")) <= 1e-10
 
 
 @pytest.mark.parametrize("path", PATHS)
