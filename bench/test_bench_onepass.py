@@ -30,7 +30,7 @@ import _harness
 import bnmem_kernels as bk
 
 B = 64
-ROUNDS = 5
+ROUNDS = 3
 _RESULTS: dict = {}
 _NORMS: dict = {}
 
@@ -184,7 +184,7 @@ def test_vmap(benchmark, data, norm):
     if norm == "bn":
         model.eval()
     _group(benchmark, norm, "alternative", "torch.func vmap(grad)" + (" (eval BN)" if norm == "bn" else ""))
-    _timed(benchmark, norm, "vmap", lambda: vmap_norms(model, x, y), rounds=3)
+    _timed(benchmark, norm, "vmap", lambda: vmap_norms(model, x, y), rounds=2)
 
 
 @pytest.mark.parametrize("norm", ["bn", "gn"])
@@ -200,7 +200,7 @@ def test_opacus(benchmark, data, norm, mode):
         gsm = make_opacus(cnn(norm), mode)
     except Exception as exc:   # BatchNorm: Opacus refuses
         return _harness.record_failure(benchmark, exc)
-    _timed(benchmark, norm, f"opacus-{mode}", lambda: opacus_norms(gsm, x, y, mode), rounds=3)
+    _timed(benchmark, norm, f"opacus-{mode}", lambda: opacus_norms(gsm, x, y, mode), rounds=2)
 
 
 @pytest.mark.parametrize("norm", ["bn", "gn"])
@@ -218,7 +218,7 @@ def test_backpack(benchmark, data, norm):
         model = extend(copy.deepcopy(model))
     except Exception as exc:
         return _harness.record_failure(benchmark, exc)
-    _timed(benchmark, norm, "backpack", lambda: backpack_norms(model, x, y), rounds=3)
+    _timed(benchmark, norm, "backpack", lambda: backpack_norms(model, x, y), rounds=2)
 
 
 def test_ratios(benchmark, data):

@@ -169,6 +169,10 @@ def onepass_per_sample_grad_norms(model, loss_fn, inputs, targets, *, mode, per_
             losses = check_losses(loss_fn(model(*args), targets), B)
         live = [c for c in captures if c.tap is not None]
         extra = [a for a in args if a.requires_grad]   # inputs that need grad: the backward must reach them
+        if not live and not extra:
+            raise RuntimeError("per_sample_grad_norms: found no module at the bottom of the graph to run the "
+                               "backward to (every module with parameters takes an input that requires grad, "
+                               "but none of the inputs does)")
         # the one backward: the tensor hooks fill every capture's grad; what it returns is not needed
         torch.autograd.grad(losses.sum(), [c.tap for c in live] + extra, allow_unused=True)
         del losses

@@ -93,7 +93,6 @@ def build(name, dtype=torch.float64, B=5, seed=0):
 
 
 def _check_close(out, expected, rtol):
-    assert out.dtype == expected.dtype or True
     err = testing.max_rel_err(out, expected)
     assert err <= rtol, err
 
@@ -132,14 +131,15 @@ def test_fp32_matches_fp64(name, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_bf16_within_stated_tolerance(mode):
     """bf16 model end to end (forward/backward in bf16, norms accumulated in fp32, returned in bf16):
-    within 5e-2 relative of the fp64 reference on the same rounded weights/inputs. The error is the
-    bf16 forward/backward's (8-bit mantissa through 4 layers), not the kernels'."""
+    within the bf16 tolerance (2e-2) of the fp64 reference on the same rounded weights/inputs
+    (measured 2.6e-3 to 5.6e-3 over the model zoo). The error is the bf16 forward/backward's
+    (8-bit mantissa through 4 layers) plus the bf16 rounding of the result, not the kernels'."""
     model, x, y, loss = build("conv2d_bn", dtype=torch.bfloat16, seed=4, B=6)
     out = bk.per_sample_grad_norms(model, loss, x, y, mode=mode)
     assert out.dtype == torch.bfloat16
     m64 = build("conv2d_bn", dtype=torch.bfloat16, seed=4, B=6)[0].double()
     exp = ref_norms(m64, loss, x.double(), y, mode=mode)
-    _check_close(out, exp, 5e-2)
+    _check_close(out, exp, testing.RTOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -366,3 +366,32 @@ def test_conv_routes_agree(conv):
     g_rows = g.reshape(3 * gr, g.shape[1] // gr, -1).transpose(1, 2)
     for route in ("gram", "materialize"):
         _check_close(bk.ghost_norm_linear(a, g_rows, route=route, backend="reference").view(3, gr).sum(1), truth, 1e-10)
+
+
+@pytest.mark.parametrize("conv", [
+    lambda: nn.Conv2d(6, 4, 3, padding=1, stride=2),
+    lambda: nn.Conv2d(10, 4, (2, 3), padding="same", dilation=(1, 2), groups=2, padding_mode="replicate"),
+    lambda: nn.Conv1d(5, 3, 3, stride=2, dilation=2),
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_conv_grouped_route(conv, dtype):
+    """The cpu-only grouped weight-gradient route (batch folded into groups), any stride == autograd."""
+    from bnmem_kernels.norms.rules import _GROUPED_CHUNK_BYTES, conv_weight_sq_grouped
+    torch.manual_seed(0)
+    m = conv().double()
+    nd = len(m.kernel_size)
+    x = torch.randn((5, m.in_channels) + (8,) * nd, dtype=torch.float64)
+    c = torch.randn_like(m(x))
+    truth = torch.stack([torch.autograd.grad((m(x[i:i + 1]) * c[i:i + 1]).sum(), m.weight)[0].square().sum()
+                         for i in range(5)])
+    out = conv_weight_sq_grouped(m.to(dtype), x.to(dtype), c.to(dtype).reshape(5, c.shape[1], -1))
+    _check_close(out, truth, testing.RTOL[dtype])
+    import bnmem_kernels.norms.rules as rules
+    old = rules._GROUPED_CHUNK_BYTES
+    try:   # sample chunks of 2
+        rules._GROUPED_CHUNK_BYTES = 2 * m.weight.numel() * m.weight.element_size()
+        _check_close(conv_weight_sq_grouped(m, x.to(dtype), c.to(dtype).reshape(5, c.shape[1], -1)), truth,
+                     testing.RTOL[dtype])
+    finally:
+        rules._GROUPED_CHUNK_BYTES = old
+    assert _GROUPED_CHUNK_BYTES == old
