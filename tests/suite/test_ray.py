@@ -108,18 +108,12 @@ def test_killed_worker_is_retried_and_finished_models_kept(local_ray, local_run,
         b = torch.load(train.model_paths(str(local_run), v, m)[0], weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in a)
 
-    # without retries the death is reported (not swallowed), and the finished models stay
+    # without retries the death is reported (not swallowed)
     root2, _ = _data_folder(tmp_path, "kill2")
     with RayPool(max_retries=0) as pool:
         with pytest.raises(ray.exceptions.RayError):
             pool.executor().submit(kill_once_then_train, root2, cfg_dict, "bn", 0).result(timeout=120)
-    assert not train.is_done(root2, "bn", 0)
-    # and a rerun of the train stage only trains what is missing
-    cfg = build_config(overrides={**MICRO, "workers": 2})
-    with RayPool() as pool:
-        done = train.run_stage(root, cfg, progress=False, log=lambda *a: None, pool=pool)
-    assert sorted((d["variant"], d["m"]) for d in done) == sorted(
-        (v, m) for v in ("bn", "gn") for m in range(4) if (v, m) not in (("bn", 0), ("gn", 1)))
+    assert not train.is_done(root2, "bn", 0) and not [f for f in os.listdir(root2) if f.startswith(".tmp-")]
 
 
 def test_task_exception_keeps_its_type(local_ray, tmp_path):
