@@ -291,6 +291,9 @@ def study_markdown(study) -> str:
     return "\n".join(md) + "\n"
 
 
+OTHER_COLORS = ("C0", "C1", "C2", "C4", "C5", "C6", "C7", "C8", "C9")
+
+
 def _plot(out, rows):
     import matplotlib
     matplotlib.use("Agg")
@@ -305,7 +308,7 @@ def _plot(out, rows):
             y = r[key]
             if y is None or not np.isfinite(y):
                 continue
-            c = "tab:red" if r["arm"] == "bn" else f"C{i % 10}"
+            c = "tab:red" if r["arm"] == "bn" else OTHER_COLORS[i % len(OTHER_COLORS)]  # red is the baseline's
             ax.scatter(r["test_acc"], y, color=c, s=40, zorder=3)
             ci_key = key + "_ci"
             if r.get(ci_key) and all(v is not None and np.isfinite(v) for v in r[ci_key]):
