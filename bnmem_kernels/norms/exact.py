@@ -91,6 +91,8 @@ def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=No
                 report["path"] = "coupled"
             except NotCheaper as exc:
                 report["reason"] = f"policy: {exc}"
+                sq = seed_batched_sq_norms(exc.losses, names, params, acc, chunk)
+                report["path"] = "seed_batched"
             except Unsupported as exc:
                 if path == "coupled":
                     raise

@@ -45,7 +45,12 @@ class Unsupported(Exception):
 
 class NotCheaper(Exception):
     """The coupled plan needs at least as many backward passes as the seed loop (policy, not a
-    limitation): the caller runs the general engine instead, without a warning."""
+    limitation): the caller runs the general engine instead, without a warning, on `losses`, the
+    per-sample losses of the batch forward already done (one forward: one set of dropout masks)."""
+
+    def __init__(self, message, losses):
+        super().__init__(message)
+        self.losses = losses
 
 
 class _Tape:
@@ -278,16 +283,20 @@ def _closed_form_producers(model, tape, losses, names, params) -> dict:
         q = [index[id(p)] for p in own if id(p) in index]
         if not q:
             continue
-        mu = tape.stats[k][1].detach()
-        shape = [1, -1] + [1] * (z.dim() - 2)
-        ps = [params[i] for i in q]
-        r1 = torch.autograd.grad(z, ps, grad_outputs=torch.ones_like(z), retain_graph=True)
-        rz = torch.autograd.grad(z, ps, grad_outputs=(z.detach() - mu.view(shape)), retain_graph=True)
         others = [n for j, n in enumerate(stat_nodes) if j != k]
         top = z.grad_fn not in _reachable(others)
-        out[k] = {"q": q, "r1": r1, "rz": rz, "M": z.numel() // z.shape[1],
+        out[k] = {"q": q, "z": z, "M": z.numel() // z.shape[1],
                   "input_free": u is None or not u.requires_grad, "top": top}
     return out
+
+
+def _closed_form_rows(c, mu, params) -> None:
+    """Adds the two VJPs of `_closed_form_producers` to its entry c (only for the entries used)."""
+    z = c.pop("z")
+    shape = [1, -1] + [1] * (z.dim() - 2)
+    ps = [params[i] for i in c["q"]]
+    c["r1"] = torch.autograd.grad(z, ps, grad_outputs=torch.ones_like(z), retain_graph=True)
+    c["rz"] = torch.autograd.grad(z, ps, grad_outputs=(z.detach() - mu.detach().view(shape)), retain_graph=True)
 
 
 def _chunks(B, c):
@@ -377,10 +386,12 @@ def coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk
         n_passes = (B if any(r == "B" for r in plan) else 0) + sum(
             2 * stats[k][0].numel() for k, r in enumerate(plan) if r == "S")
         if only_if_fewer_passes and n_passes >= B:
-            raise NotCheaper(f"the coupled plan needs {n_passes} backward passes, the seed loop {B}")
+            raise NotCheaper(f"the coupled plan needs {n_passes} backward passes, the seed loop {B}", losses)
         # closed forms used: J_k alone ("closed") or W_k's block of a top BatchNorm (no pass needs W_k)
         closed = {k: c for k, c in closed.items() if plan[k] == "closed" or (c["top"] and plan[k] != "none")}
         # parameters whose J blocks are all closed form: no pass needs them (autograd skips their GEMMs)
+        for k, c in closed.items():
+            _closed_form_rows(c, stats[k][0], params)
         skip = {q for c in closed.values() if c["top"] for q in c["q"]}
         pass_q = [q for q in range(len(params)) if q not in skip]
         pass_params = [params[q] for q in pass_q]

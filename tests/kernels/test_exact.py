@@ -235,7 +235,7 @@ def test_bias_feeding_bn_and_something_else_is_not_zeroed():
     assert (pl["lin.bias"] > 1e-6).all() and rel(pl["lin.bias"], exp_pl["lin.bias"]) <= 1e-10
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATHS + ("auto",))
 def test_dropout_one_forward_one_mask(path):
     """With the RNG in the same state, the one forward draws the loop's masks: same numbers."""
     m, shape, k = make("dropout")
@@ -244,7 +244,7 @@ def test_dropout_one_forward_one_mask(path):
     exp = reference(m, ce, x, y, mode="exact")
     torch.manual_seed(123)
     out, rep = exact_report(m, ce, x, y, path=path)
-    assert rep["path"] == path
+    assert rep["path"] == path or path == "auto"
     assert rel(out, exp) <= 1e-10
 
 
@@ -275,10 +275,14 @@ def test_auto_takes_the_coupled_path_without_warning():
 def test_auto_policy_on_cpu_takes_the_loop_when_the_plan_is_not_cheaper():
     m, shape, k = make("resnet_basic")
     x, y = data(shape, 4, k)         # B-route: 4 passes, no fewer than the loop's
+    calls = []
+    h = m.register_forward_hook(lambda *a: calls.append(1))
     with warnings.catch_warnings():
         warnings.simplefilter("error", ExactFallbackWarning)
         out, rep = exact_report(m, ce, x, y)
+    h.remove()
     assert rep["path"] == "seed_batched" and rep["reason"].startswith("policy:")
+    assert len(calls) == 1            # the loop runs on the coupled attempt's forward: one forward
     assert rel(out, reference(m, ce, x, y, mode="exact")) <= 1e-10
 
 
