@@ -14,8 +14,6 @@ import pickle
 import numpy as np
 import torch
 
-from .query import shift_images, shift_list
-
 CIFAR_NAMES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
@@ -46,11 +44,13 @@ def train_augment(x: torch.Tensor, generator: torch.Generator, *, pad: int = 4, 
 def query_augmentations(shifts: int, flip: bool = True) -> list:
     """LiRA's query set: (flip, dy, dx) for flip in {False, True} x the suite's shift list
     (identity first: augmentation 0 is always the plain image)."""
+    from .query import shift_list  # lazy: query.py may import this module
     flips = (False, True) if flip else (False,)
     return [(f, dy, dx) for f in flips for dy, dx in shift_list(shifts)]
 
 
 def apply_query_augmentation(x: torch.Tensor, aug) -> torch.Tensor:
+    from .query import shift_images
     f, dy, dx = aug
     return shift_images(x.flip(-1) if f else x, dy, dx)
 
