@@ -24,6 +24,8 @@ TORCH_LIBRARY(bnmem, m) {
   // lira_scores: conf [M, N, A], keep [M, N] bool, global_std [2, M, A] or None -> score [M, N],
   // leave-one-model-out LiRA (online / offline one-sided or logpdf; mean or median center).
   m.def("lira_scores(Tensor conf, Tensor keep, Tensor? global_std, bool online, bool median, bool logpdf) -> Tensor");
+  // lira_global_std: conf [M, N, A], keep [M, N] -> [2, M, A] fp64, per target the pooled in/out std without it (CPU).
+  m.def("lira_global_std(Tensor conf, Tensor keep) -> Tensor");
   // norm_affine_grad_sq: per-sample (||dgamma_i||^2, ||dbeta_i||^2) of a normalization layer, x, dy,
   // mean, rstd all [B, C, S] (stats expanded): dgamma_i[c] = sum_s dy (x - mean) rstd, dbeta_i[c] = sum_s dy.
   m.def("norm_affine_grad_sq(Tensor x, Tensor dy, Tensor mean, Tensor rstd) -> Tensor");

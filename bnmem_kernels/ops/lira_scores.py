@@ -36,6 +36,20 @@ def compiled_op():
     return torch.ops.bnmem.lira_scores.default
 
 
+def _fake_global_std(conf, keep):
+    return conf.new_empty(2, conf.shape[0], conf.shape[2], dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_global_std():
+    """torch.ops.bnmem.lira_global_std (C++ CPU): [2, M, A] fp64 pooled stds, as ref.global_std."""
+    lib, why = _backend.load_library()
+    if lib is None:
+        raise _backend.BackendUnavailableError(why)
+    torch.library.register_fake("bnmem::lira_global_std")(_fake_global_std)
+    return torch.ops.bnmem.lira_global_std.default
+
+
 @torch.library.custom_op("bnmem::lira_scores_triton", mutates_args=())
 def lira_scores_triton(conf: torch.Tensor, keep: torch.Tensor, global_std: torch.Tensor | None,
                        online: bool, median: bool, logpdf: bool) -> torch.Tensor:
@@ -129,7 +143,10 @@ def lira_scores(conf, keep, *, online=True, variance="per_example", center="mean
         score = ref.lira_scores_torch(conf, keep, online=online, variance=variance, center=center,
                                       offline_stat=offline_stat).to(out_dtype(conf.dtype))
     else:
-        gstd = ref.global_std(conf, keep).to(out_dtype(conf.dtype)) if variance == "global" else None
+        gstd = None
+        if variance == "global":
+            gstd = compiled_global_std()(conf, keep) if chosen == "cpu" else ref.global_std(conf, keep)
+            gstd = gstd.to(out_dtype(conf.dtype))
         if chosen == "triton":
             score = lira_scores_triton(conf, keep, gstd, online, median, logpdf)
         else:

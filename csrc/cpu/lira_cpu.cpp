@@ -169,6 +169,77 @@ at::Tensor lira_scores_cpu(const at::Tensor& conf_in, const at::Tensor& keep_in,
   return out;
 }
 
+// Global stds for variance="global": out[g, t, a] (g = 0 in, 1 out) = population std of the group's
+// values of augmentation a over all examples and all models but t. Two passes over conf per model
+// (sums, then squares centred on the grand mean), all in fp64; t's own share subtracted at the end.
+template <typename scalar_t>
+void lira_global_std_kernel(const scalar_t* conf, const bool* keep, double* out, int64_t M, int64_t N, int64_t A) {
+  std::vector<double> cnt(2 * M, 0.0), sum(2 * M * A, 0.0), sq(2 * M * A, 0.0);
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t g = keep[m * N + n] ? 0 : 1;
+        cnt[g * M + m] += 1;
+        const scalar_t* row = conf + (m * N + n) * A;
+        for (int64_t a = 0; a < A; ++a) sum[(g * M + m) * A + a] += static_cast<double>(row[a]);
+      }
+  });
+  std::vector<double> total(2, 0.0), center(2 * A, 0.0);
+  for (int64_t g = 0; g < 2; ++g) {
+    for (int64_t m = 0; m < M; ++m) total[g] += cnt[g * M + m];
+    for (int64_t a = 0; a < A; ++a) {
+      for (int64_t m = 0; m < M; ++m) center[g * A + a] += sum[(g * M + m) * A + a];
+      center[g * A + a] /= (total[g] > 0 ? total[g] : 1.0);
+    }
+  }
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t g = keep[m * N + n] ? 0 : 1;
+        const scalar_t* row = conf + (m * N + n) * A;
+        for (int64_t a = 0; a < A; ++a) {
+          const double d = static_cast<double>(row[a]) - center[g * A + a];
+          sq[(g * M + m) * A + a] += d * d;
+        }
+      }
+  });
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (int64_t g = 0; g < 2; ++g)
+    for (int64_t a = 0; a < A; ++a) {
+      double s_all = 0, q_all = 0;
+      for (int64_t m = 0; m < M; ++m) {
+        s_all += sum[(g * M + m) * A + a] - cnt[g * M + m] * center[g * A + a];
+        q_all += sq[(g * M + m) * A + a];
+      }
+      for (int64_t t = 0; t < M; ++t) {
+        const double n_t = total[g] - cnt[g * M + t];
+        const double s_t = s_all - (sum[(g * M + t) * A + a] - cnt[g * M + t] * center[g * A + a]);
+        const double q_t = q_all - sq[(g * M + t) * A + a];
+        const double mean = s_t / n_t;
+        const double var = q_t / n_t - mean * mean;
+        out[(g * M + t) * A + a] = n_t >= 2 ? std::sqrt(var > 0 ? var : 0.0) : nan;
+      }
+    }
+}
+
+at::Tensor lira_global_std_cpu(const at::Tensor& conf_in, const at::Tensor& keep_in) {
+  TORCH_CHECK(conf_in.dim() == 3, "bnmem::lira_global_std: conf must be [M, N, A], got ", conf_in.sizes());
+  TORCH_CHECK(keep_in.dim() == 2 && keep_in.size(0) == conf_in.size(0) && keep_in.size(1) == conf_in.size(1),
+              "bnmem::lira_global_std: keep must be [M, N] matching conf, got ", keep_in.sizes());
+  TORCH_CHECK(keep_in.scalar_type() == at::kBool, "bnmem::lira_global_std: keep must be bool");
+  TORCH_CHECK(conf_in.scalar_type() == at::kFloat || conf_in.scalar_type() == at::kDouble,
+              "bnmem::lira_global_std: conf must be fp32 or fp64, got ", conf_in.scalar_type());
+  const at::Tensor conf = conf_in.contiguous();
+  const at::Tensor keep = keep_in.contiguous();
+  const int64_t M = conf.size(0), N = conf.size(1), A = conf.size(2);
+  at::Tensor out = at::empty({2, M, A}, conf.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(conf.scalar_type(), "lira_global_std_cpu", [&] {
+    lira_global_std_kernel<scalar_t>(conf.const_data_ptr<scalar_t>(), keep.const_data_ptr<bool>(),
+                                     out.data_ptr<double>(), M, N, A);
+  });
+  return out;
+}
+
 // c = z_y - logsumexp_{k != y} z_k: one pass with a running max and a rescaled sum.
 template <typename scalar_t>
 void logit_confidence_kernel(const scalar_t* z, const int64_t* y, void* out_v, int64_t R, int64_t K) {
@@ -217,6 +288,7 @@ at::Tensor logit_confidence_cpu(const at::Tensor& logits_in, const at::Tensor& l
 TORCH_LIBRARY_IMPL(bnmem, CPU, m) {
   m.impl("lira_scores", &lira_scores_cpu);
   m.impl("logit_confidence", &logit_confidence_cpu);
+  m.impl("lira_global_std", &lira_global_std_cpu);
 }
 
 }  // namespace bnmem

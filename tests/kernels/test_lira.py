@@ -327,6 +327,24 @@ def test_opcheck_compiled(backend):
     from bnmem_kernels.ops import logit_confidence as lc
 
     torch.library.opcheck(lc.compiled_op(), (torch.randn(6, 5), torch.randint(0, 5, (6,))))
+    conf, keep = make_data(6, 7, 2, True)
+    torch.library.opcheck(ops_ls.compiled_global_std(), (conf, keep))
+    torch.library.opcheck(ops_ls.compiled_global_std(), (conf.float(), keep))
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu", ("cpu",)))
+def test_global_std_compiled_vs_numpy(backend):
+    for M, N, A, bal in SHAPES:
+        conf, keep = make_data(M, N, A, bal)
+        got = ops_ls.compiled_global_std()(conf, keep)
+        torch.testing.assert_close(got, ref.global_std(conf, keep), rtol=1e-12, atol=0, equal_nan=True)
+        c, k = conf.numpy(), keep.numpy()
+        for t in range(M):
+            o = np.arange(M) != t
+            for row, sel in ((0, k[o]), (1, ~k[o])):
+                vals = c[o][sel]
+                want = np.std(vals, axis=0) if len(vals) >= 2 else np.full(A, np.nan)
+                np.testing.assert_allclose(got[row, t].numpy(), want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("backend", backend_params("cpu", ("triton",)))
