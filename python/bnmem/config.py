@@ -36,25 +36,26 @@ class Config:
     dataset: str = "mnist"
     data_dir: str | None = None          # cifar10 only: folder holding data_batch_1..5, test_batch
     image_size: int = 14                 # images resized (area) to this side; 0 keeps the native size
-    n_in: int = 2000                     # in-distribution candidates
+    n_in: int = 1000                     # in-distribution candidates
     n_test: int = 1000                   # held-out test examples (accuracy)
-    canaries: dict = field(default_factory=lambda: {k: 50 for k in CANARY_KINDS})
+    canaries: dict = field(default_factory=lambda: {k: 40 for k in CANARY_KINDS})
     arch: str = "cnn"
-    width: int = 16                      # channels of the first conv (second: 2x) / MLP hidden units / 4
+    width: int = 12                      # channels of the first conv (second: 2x) / MLP hidden units / 4
     variants: list = field(default_factory=lambda: list(VARIANTS))
     models: int = 16                     # shadow models per variant (even; each candidate IN for half)
-    epochs: int = 24
+    epochs: int = 12
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    probe_every: int = 1                 # step probe (per-sample grad norms) every k steps; 0 = off
     frozen_warmup_epochs: int = 3        # bn-frozen: BN uses batch stats this long, then running stats
     exact_models: int = 2                # models per variant that also log exact/column/detached/eval
-    exact_points: int = 6                # ... at this many steps of training (log-spaced)
+    exact_points: int = 5                # ... at this many steps of training (log-spaced)
     probe_batch: int = 64                # ... on a fixed batch of this many of its training examples
     shifts: int = 1                      # query augmentations: identity and +-shifts px (A = 1 + 4 if >0)
     attacks: list = field(default_factory=lambda: ["auto"])
-    bootstrap: int = 200
+    bootstrap: int = 100
     seed: int = 0
     workers: int = 0                     # 0 = all cores
     progress: bool = True
@@ -107,6 +108,8 @@ class Config:
             raise BnmemError(f"exact_models must be in [0, models], got {self.exact_models}")
         if self.image_size < 0 or self.image_size == 1:
             raise BnmemError(f"--image-size must be 0 (native) or >= 2, got {self.image_size}")
+        if self.probe_every < 0:
+            raise BnmemError("probe_every must be >= 0 (0 turns the per-step gradient-norm probe off)")
         if self.bootstrap < 0:
             raise BnmemError("bootstrap must be >= 0")
         if self.shifts < 0:

@@ -61,7 +61,7 @@ class StepProbe:
 
     With `bnmem_kernels.GradNormProbe`: no extra backward. Without it (not landed yet): the
     reference function on the same batch before the step (B autograd calls; slow).
-    The norms are those of the per-sample losses l_i (not l_i / B), whatever the reduction.
+    The norms are those of the per-sample losses l_i (not l_i / B).
     """
 
     def __init__(self, model, mode: str):
@@ -70,14 +70,14 @@ class StepProbe:
         self.norms = None
 
     @contextlib.contextmanager
-    def step(self, x, y, batch_size_scale: float):
-        """Use around forward+backward of one step. `batch_size_scale`: the factor the loss was divided
-        by (B for a mean) — the probe sees gradients of l_i / B and they are scaled back."""
+    def step(self, x, y):
+        """Use around forward + backward of one step whose loss is the MEAN of the per-sample losses
+        (GradNormProbe(reduction="mean") scales the recorded gradients back by B)."""
         if self.source == "GradNormProbe":
             import bnmem_kernels
-            with bnmem_kernels.GradNormProbe(self.model, mode=self.mode) as probe:
+            with bnmem_kernels.GradNormProbe(self.model, mode=self.mode, reduction="mean") as probe:
                 yield
-            self.norms = probe.norms.detach() * batch_size_scale
+            self.norms = probe.norms.detach()
         else:
             from bnmem_kernels import reference
             self.norms = reference.per_sample_grad_norms(self.model, per_sample_ce, x, y, mode=self.mode).detach()

@@ -46,7 +46,7 @@ def run(cfg: Config, out: str, *, log=print, pool=None) -> RunFolder:
 
     def do_score():
         from . import score
-        score.run_stage(rf.root, cfg, log=log)
+        score.run_stage(rf.root, cfg, log=log, pool=pool)
 
     def do_report():
         from . import report
@@ -57,7 +57,7 @@ def run(cfg: Config, out: str, *, log=print, pool=None) -> RunFolder:
     with (pool if pool is not None else Pool(cfg.workers)) as pool:  # pool: e.g. ray_executor.RayPool
         stage("train", do_train)
         stage("probe", do_probe)
-    stage("score", do_score)
+        stage("score", do_score)
     man = rf.manifest()
     man["wall_seconds_last_invocation"] = round(time.perf_counter() - t_all, 2)
     write_json(rf.path("manifest.json"), man)

@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from .data import GROUPS
+from .score import in_group
 from .runfolder import read_json, read_npz, save_figure, write_text
 
 FIGURES = ("roc.png", "gradnorm_trajectories.png", "memorization.png", "exact_gap.png")
@@ -151,7 +152,7 @@ def _fig_memorization(root, res, sc, d):
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * len(vs) / 2.5), 4))
     width = 0.8 / len(vs)
     for i, v in enumerate(vs):
-        data = [sc[f"{v}/eval/mem"][group == GROUPS.index(g)] for g in groups]
+        data = [sc[f"{v}/eval/mem"][in_group(group, g)] for g in groups]
         pos = np.arange(len(groups)) + (i - (len(vs) - 1) / 2) * width
         bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=False)
         for b in bp["boxes"]:
@@ -211,13 +212,52 @@ def report_markdown(res, man) -> str:
     A("# bnmem run report\n")
     wall = man.get("wall_seconds_last_invocation")
     A(f"Dataset **{cfg['dataset']}** ({res['data']['n_candidates']} candidates: "
-      + ", ".join(f"{g} {res['data']['group_counts'][g]}" for g in groups)
+      + ", ".join(f"{g} {res['data']['group_counts'][g]}" for g in groups if g in res["data"]["group_counts"])
       + f"; {res['data']['n_test']} held-out test images; images {res['data']['shape']}), "
       f"arch **{cfg['arch']}** (width {cfg['width']}), variants {', '.join(variants)}, "
       f"**{cfg['models']} shadow models per variant** (each candidate IN for exactly half), {cfg['epochs']} epochs, "
       f"seed {cfg['seed']}, config hash `{res['config_hash']}`. Intervals are 95% percentile bootstrap over "
       f"candidates ({res['bootstrap']} resamples, stratified by group, paired across variants)."
       + (f" Pipeline wall time (last invocation, before this report): {wall:.0f} s." if wall else "") + "\n")
+
+    A("## Headline\n")
+    A(f"Membership inference with {primary} (eval-mode queries, all candidates), memorization and per-sample "
+      "gradient norms of the OOD canaries (all kinds pooled, `ood`) relative to in-distribution candidates:\n")
+    A("| variant | test acc | MIA AUC | TPR @ 1% FPR | MIA AUC on OOD | mem in-dist | mem OOD | "
+      "grad-norm ratio OOD / in-dist |")
+    A("|---|---|---|---|---|---|---|---|")
+    for v in variants:
+        r = res["variants"][v]
+        at = r["modes"]["eval"]["attacks"][primary]
+        mm = r["modes"]["eval"]["memorization"]
+        gr = r["gradnorms"]["ratio_vs_in_dist"].get("ood", {})
+        o = at["groups"].get("ood") or {}
+        A(f"| {v} | {np.mean(r['test_acc']):.3f} | {_fmt(at['overall']['auc'])}{_ci(at['overall'].get('auc_ci'))} | "
+          f"{_fmt(at['overall']['tpr@0.01'])}{_ci(at['overall'].get('tpr@0.01_ci'))} | "
+          f"{_fmt(o.get('auc'))}{_ci(o.get('auc_ci'))} | {mm['in_dist']['mean']:.3f}{_ci(mm['in_dist']['ci'])} | "
+          f"{_fmt(mm.get('ood', {}).get('mean'))}{_ci(mm.get('ood', {}).get('ci'))} | "
+          f"{_fmt(gr.get('ratio'), 2)}{_ci(gr.get('ci'), 2)} |")
+    A("")
+    comps = res.get("comparisons", {})
+    heads = [("eval/overall/auc", "MIA AUC"), ("eval/overall/tpr@0.01", "TPR @ 1% FPR"), ("eval/ood/auc", "MIA AUC on OOD"),
+             ("eval/mem/ood", "mem OOD"), ("eval/mem/in_dist", "mem in-dist"),
+             ("grad/ratio_vs_in_dist/ood", "grad-norm ratio OOD / in-dist")]
+    if comps:
+        A("Did BN amplify? Paired differences (BN variant − other), 95% bootstrap CI; ▲ higher with BN, ▼ lower, "
+          "≈ interval includes 0:\n")
+        A("| statistic | " + " | ".join(comps) + " |")
+        A("|---|" + "---|" * len(comps))
+        for key, name in heads:
+            cells = []
+            for pair, rows in comps.items():
+                r = rows.get(key)
+                if r is None:
+                    cells.append("n/a")
+                    continue
+                mark = {"higher": "▲", "lower": "▼"}.get(r["verdict"], "≈")
+                cells.append(f"{mark} {r['diff']:+.3f}{_ci(r['ci'])}")
+            A(f"| {name} | " + " | ".join(cells) + " |")
+        A("")
 
     A("## Accuracy\n")
     A("| variant | train acc (mean) | test acc (mean ± sd) |")
@@ -310,18 +350,20 @@ def report_markdown(res, man) -> str:
             A(f"| {v} | " + " | ".join(f"{g[m]['median_ratio_to_exact']:.3f} ({g[m]['median_rel_diff']:.3f})"
                                        for m in ("column", "detached", "eval")) + f" | {src} |")
         A("\nWithout BN all four definitions coincide (ratios 1.000 up to rounding: a check of the pipeline). For BN "
-          "models the gap between `exact` and `detached` is what the cross-sample coupling itself adds.\n")
+          "models the gap between `exact` and `detached` is what the cross-sample coupling itself adds. exact, column "
+          "and detached are BN's batch-statistics definitions; bn-frozen trains with running statistics after its "
+          "warm-up, where `eval` is its actual per-sample gradient.\n")
 
     A("## Did BatchNorm amplify memorization, gradient-norm influence and membership leakage?\n")
     A("Paired differences BN − other variant (same candidates, keep masks and seeds), with 95% bootstrap "
       "intervals; \"higher\"/\"lower\" only where the interval excludes 0.\n")
-    comps = res.get("comparisons", {})
     for pair, rows in comps.items():
         va, vb = pair.split(" - ")
         A(f"### {va} vs {vb}\n")
         wanted = [(f"eval/overall/auc", f"membership AUC (all, {primary})", "more leakage"),
                   (f"eval/overall/tpr@0.01", "membership TPR @ 1% FPR (all)", "more leakage")]
         wanted += [(f"eval/{g}/auc", f"membership AUC on {g}", "more leakage") for g in ood]
+        wanted += [(f"eval/{g}/tpr@0.01", f"membership TPR @ 1% FPR on {g}", "more leakage") for g in ["ood"] if g in ood]
         if any(k.startswith("train/overall/auc") for k in rows):
             wanted += [(k, f"membership AUC (all), {va} queried in train mode vs {vb} eval", "more leakage")
                        for k in rows if k.startswith("train/overall/auc")]
@@ -341,7 +383,9 @@ def report_markdown(res, man) -> str:
     A("## Caveats\n")
     caveats = [f"Small scale: {cfg['models']} shadow models per variant, {res['data']['n_candidates']} candidates, "
                f"CPU-sized CNN on {res['data']['shape'][-1]}x{res['data']['shape'][-1]} images; intervals cover "
-               "candidate sampling, not model-training randomness beyond the shadow models used."]
+               "candidate sampling, not model-training randomness beyond the shadow models used.",
+               "Each ▲/▼ is a separate 95% interval with no multiple-comparison correction: among many comparisons "
+               "a few can exclude 0 by chance; read the pattern, not any single cell."]
     if "reference" in " ".join(srcs):
         caveats.append("Step-probe gradient norms came from bnmem_kernels.reference (autograd loop), not GradNormProbe.")
     for v, e in eg:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import Config
+from .config import Config, from_dict
 from .data import GROUPS
 from .gradnorms import MODES
 from .runfolder import read_json, read_npz, write_json, write_npz
@@ -95,7 +95,14 @@ def ci(values) -> list:
 
 
 def group_names(group):
-    return [g for k, g in enumerate(GROUPS) if (group == k).any()]
+    """Groups present, plus "ood" (every canary kind pooled) when there are canaries."""
+    names = [g for k, g in enumerate(GROUPS) if (group == k).any()]
+    return names + (["ood"] if (group > 0).any() else [])
+
+
+def in_group(group: np.ndarray, g: str) -> np.ndarray:
+    """Boolean mask of the candidates in group g ("ood" = any canary kind)."""
+    return group > 0 if g == "ood" else group == GROUPS.index(g)
 
 
 def _hardware() -> dict:
@@ -127,130 +134,153 @@ def _versions() -> dict:
     return v
 
 
-def run_stage(root: str, cfg: Config, log=print) -> None:
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
+def _setup(root, cfg):
     d = read_npz(os.path.join(root, "data.npz"))
-    meta = read_json(os.path.join(root, "data.json"))
+    attacks = cfg.attack_list()
+    primary = next((a for a in ("lira_online", "lira_online_global") if a in attacks), attacks[0])
+    boots = stratified_resamples(d["group"], cfg.bootstrap, cfg.seed)
+    return d, attacks, primary, boots
+
+
+def score_variant(root: str, cfg_dict: dict, v: str):
+    """All numbers of one variant -> (variant, results dict, {stat: (point, bootstrap values)}, {name: array}).
+    Groups without data (e.g. gradient norms with the step probe off) give NaN, silently."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _score_variant(root, cfg_dict, v)
+
+
+def _score_variant(root: str, cfg_dict: dict, v: str):
+    torch.set_num_threads(1)
+    cfg = from_dict(cfg_dict)
+    d, attacks, primary, boots = _setup(root, cfg)
     y, group, keep = d["y"], d["group"], d["keep"]
     groups = group_names(group)
-    attacks = cfg.attack_list()
-    primary = next(a for a in ("lira_online", "lira_online_global") if a in attacks) \
-        if any(a in attacks for a in ("lira_online", "lira_online_global")) else attacks[0]
-    boots = stratified_resamples(group, cfg.bootstrap, cfg.seed)
-    gidx = {g: np.flatnonzero(group == GROUPS.index(g)) for g in groups}
-
-    res = dict(bnmem=__version__, config=cfg.hashed_dict(), config_hash=cfg.hash(), data=meta,
-               versions=_versions(), hardware=_hardware(), groups=groups, attacks=attacks, primary_attack=primary,
-               fprs=list(FPRS), bootstrap=cfg.bootstrap, variants={})
-    arrays = {}
-    per_variant_stats = {}  # variant -> {stat name: (point, [per-bootstrap values])}
-
-    for v in cfg.variants:
-        lg = read_npz(os.path.join(root, "logits", f"{v}.npz"))
-        traces = [read_npz(p) for p in sorted(glob.glob(os.path.join(root, "models", v, "m*.npz")))]
-        vr = dict(test_acc=[float(t["test_acc"]) for t in traces],
-                  train_acc=[float(t["train_acc"][-1]) for t in traces],
-                  step_probe_source=sorted({str(t["step_probe_source"]) for t in traces}),
-                  modes={})
-        stats = {}
-        for qmode in ("eval", "train"):
-            if qmode not in lg:
-                continue
-            logits = lg[qmode]
-            qr = dict(attacks={}, memorization={})
-            # (iii) membership inference
-            for a in attacks:
-                s = attack_scores(logits, y, keep, a)
-                arrays[f"{v}/{qmode}/{a}"] = s.astype(np.float32)
-                entry = dict(nan_scores=int((~np.isfinite(s)).sum()), overall=mia_metrics(s, keep), groups={})
-                for g in groups:
-                    entry["groups"][g] = mia_metrics(s[:, gidx[g]], keep[:, gidx[g]])
-                if a == primary and boots:
-                    bs = {"overall": [], **{g: [] for g in groups}}
-                    for idx in boots:
-                        bs["overall"].append(mia_metrics(s[:, idx], keep[:, idx]))
-                        gb = group[idx]
-                        for g in groups:
-                            sub = idx[gb == GROUPS.index(g)]
-                            bs[g].append(mia_metrics(s[:, sub], keep[:, sub]))
-                    for key, m in [("overall", entry["overall"])] + [(g, entry["groups"][g]) for g in groups]:
-                        if m is None:
-                            continue
-                        for metric in ["auc"] + [f"tpr@{f:g}" for f in FPRS]:
-                            vals = [b[metric] if b else None for b in bs[key]]
-                            m[f"{metric}_ci"] = ci(vals)
-                            stats[f"{qmode}/{key}/{metric}"] = (m[metric], vals)
-                qr["attacks"][a] = entry
-            # (i) memorization, from the unaugmented query
-            correct = logits[:, :, 0, :].argmax(-1) == y[None]
-            mem = memorization(correct, keep)
-            arrays[f"{v}/{qmode}/mem"] = mem["mem"].astype(np.float32)
-            arrays[f"{v}/{qmode}/mem_half_width"] = mem["half_width"].astype(np.float32)
+    gidx = {g: np.flatnonzero(in_group(group, g)) for g in groups}
+    arrays, stats = {}, {}
+    lg = read_npz(os.path.join(root, "logits", f"{v}.npz"))
+    traces = [read_npz(p) for p in sorted(glob.glob(os.path.join(root, "models", v, "m*.npz")))]
+    vr = dict(test_acc=[float(t["test_acc"]) for t in traces],
+              train_acc=[float(t["train_acc"][-1]) for t in traces],
+              step_probe_source=sorted({str(t["step_probe_source"]) for t in traces}),
+              modes={})
+    for qmode in ("eval", "train"):
+        if qmode not in lg:
+            continue
+        logits = lg[qmode]
+        qr = dict(attacks={}, memorization={})
+        # (iii) membership inference
+        for a in attacks:
+            s = attack_scores(logits, y, keep, a)
+            arrays[f"{v}/{qmode}/{a}"] = s.astype(np.float32)
+            entry = dict(nan_scores=int((~np.isfinite(s)).sum()), overall=mia_metrics(s, keep), groups={})
             for g in groups:
-                ix = gidx[g]
-                point = float(mem["mem"][ix].mean())
-                vals = [float(mem["mem"][idx[group[idx] == GROUPS.index(g)]].mean()) for idx in boots]
-                qr["memorization"][g] = dict(mean=point, ci=ci(vals), median=float(np.median(mem["mem"][ix])),
-                                             p_in=float(mem["p_in"][ix].mean()), p_out=float(mem["p_out"][ix].mean()),
-                                             frac_above_0_5=float((mem["mem"][ix] > 0.5).mean()))
-                stats[f"{qmode}/mem/{g}"] = (point, vals)
-            vr["modes"][qmode] = qr
-        # (ii) gradient norms over training (step probe), per example and per group
-        en = np.stack([t["epoch_norms"] for t in traces])  # [M, E, N], NaN when OUT
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            per_ex = np.nanmean(en, axis=(0, 1))            # mean over models and epochs while IN
-            last = np.nanmean(en[:, -1], axis=0)             # final epoch
-            traj = {g: np.nanmean(en[:, :, gidx[g]], axis=(0, 2)).tolist() for g in groups}
-        arrays[f"{v}/gradnorm_mean"] = per_ex.astype(np.float32)
-        arrays[f"{v}/gradnorm_last"] = last.astype(np.float32)
-        gn = dict(trajectory=traj, per_group={}, ratio_vs_in_dist={}, ratio_last_epoch_vs_in_dist={})
+                entry["groups"][g] = mia_metrics(s[:, gidx[g]], keep[:, gidx[g]])
+            if a == primary and boots:
+                bs = {"overall": [], **{g: [] for g in groups}}
+                for idx in boots:
+                    bs["overall"].append(mia_metrics(s[:, idx], keep[:, idx]))
+                    gb = group[idx]
+                    for g in groups:
+                        sub = idx[in_group(gb, g)]
+                        bs[g].append(mia_metrics(s[:, sub], keep[:, sub]))
+                for key, m in [("overall", entry["overall"])] + [(g, entry["groups"][g]) for g in groups]:
+                    if m is None:
+                        continue
+                    for metric in ["auc"] + [f"tpr@{f:g}" for f in FPRS]:
+                        vals = [b[metric] if b else None for b in bs[key]]
+                        m[f"{metric}_ci"] = ci(vals)
+                        stats[f"{qmode}/{key}/{metric}"] = (m[metric], vals)
+            qr["attacks"][a] = entry
+        # (i) memorization, from the unaugmented query
+        correct = logits[:, :, 0, :].argmax(-1) == y[None]
+        mem = memorization(correct, keep)
+        arrays[f"{v}/{qmode}/mem"] = mem["mem"].astype(np.float32)
+        arrays[f"{v}/{qmode}/mem_half_width"] = mem["half_width"].astype(np.float32)
         for g in groups:
             ix = gidx[g]
-            gn["per_group"][g] = dict(mean=float(np.nanmean(per_ex[ix])), last_epoch=float(np.nanmean(last[ix])))
-        base_b = [float(np.nanmean(per_ex[idx[group[idx] == 0]])) for idx in boots]
-        base_l = [float(np.nanmean(last[idx[group[idx] == 0]])) for idx in boots]
-        for g in groups:
-            if g == "in_dist":
+            point = float(mem["mem"][ix].mean())
+            vals = [float(mem["mem"][idx[in_group(group[idx], g)]].mean()) for idx in boots]
+            qr["memorization"][g] = dict(mean=point, ci=ci(vals), median=float(np.median(mem["mem"][ix])),
+                                         p_in=float(mem["p_in"][ix].mean()), p_out=float(mem["p_out"][ix].mean()),
+                                         frac_above_0_5=float((mem["mem"][ix] > 0.5).mean()))
+            stats[f"{qmode}/mem/{g}"] = (point, vals)
+        vr["modes"][qmode] = qr
+    # (ii) gradient norms over training (step probe), per example and per group
+    en = np.stack([t["epoch_norms"] for t in traces])  # [M, E, N], NaN when OUT
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_ex = np.nanmean(en, axis=(0, 1))            # mean over models and epochs while IN
+        last = np.nanmean(en[:, -1], axis=0)             # final epoch
+        traj = {g: np.nanmean(en[:, :, gidx[g]], axis=(0, 2)).tolist() for g in groups}
+    arrays[f"{v}/gradnorm_mean"] = per_ex.astype(np.float32)
+    arrays[f"{v}/gradnorm_last"] = last.astype(np.float32)
+    gn = dict(trajectory=traj, per_group={}, ratio_vs_in_dist={}, ratio_last_epoch_vs_in_dist={})
+    for g in groups:
+        ix = gidx[g]
+        gn["per_group"][g] = dict(mean=float(np.nanmean(per_ex[ix])), last_epoch=float(np.nanmean(last[ix])))
+    base_b = [float(np.nanmean(per_ex[idx[group[idx] == 0]])) for idx in boots]
+    base_l = [float(np.nanmean(last[idx[group[idx] == 0]])) for idx in boots]
+    for g in groups:
+        if g == "in_dist":
+            continue
+        for key, arr, bb in (("ratio_vs_in_dist", per_ex, base_b), ("ratio_last_epoch_vs_in_dist", last, base_l)):
+            point = float(np.nanmean(arr[gidx[g]]) / np.nanmean(arr[gidx["in_dist"]]))
+            vals = [float(np.nanmean(arr[idx[in_group(group[idx], g)]])) / b for idx, b in zip(boots, bb)]
+            gn[key][g] = dict(ratio=point, ci=ci(vals))
+            stats[f"grad/{key}/{g}"] = (point, vals)
+    # exact vs column / detached / eval on the scheduled probe batches
+    sched = [t for t in traces if t["sched_norms"].size]
+    if sched:
+        gaps = {}
+        for j, mode in enumerate(MODES):
+            if mode == "exact":
                 continue
-            for key, arr, bb in (("ratio_vs_in_dist", per_ex, base_b), ("ratio_last_epoch_vs_in_dist", last, base_l)):
-                point = float(np.nanmean(arr[gidx[g]]) / np.nanmean(arr[gidx["in_dist"]]))
-                vals = [float(np.nanmean(arr[idx[group[idx] == GROUPS.index(g)]])) / b for idx, b in zip(boots, bb)]
-                gn[key][g] = dict(ratio=point, ci=ci(vals))
-                stats[f"grad/{key}/{g}"] = (point, vals)
-        # exact vs column / detached / eval on the scheduled probe batches
-        sched = [t for t in traces if t["sched_norms"].size]
-        if sched:
-            gaps = {}
-            for j, mode in enumerate(MODES):
-                if mode == "exact":
-                    continue
-                rel = np.concatenate([(np.abs(t["sched_norms"][:, j] - t["sched_norms"][:, 0])
-                                       / np.maximum(t["sched_norms"][:, 0], 1e-30)).ravel() for t in sched])
-                ratio = np.concatenate([(t["sched_norms"][:, j] / np.maximum(t["sched_norms"][:, 0], 1e-30)).ravel()
-                                        for t in sched])
-                gaps[mode] = dict(median_rel_diff=float(np.nanmedian(rel)), mean_rel_diff=float(np.nanmean(rel)),
-                                  max_rel_diff=float(np.nanmax(rel)), median_ratio_to_exact=float(np.nanmedian(ratio)))
-            by_group = {}
-            for g in groups:
-                r = []
-                for t in sched:
-                    sel = group[t["probe_idx"]] == GROUPS.index(g)
-                    if sel.any():
-                        r.append((t["sched_norms"][:, 1, sel] / np.maximum(t["sched_norms"][:, 0, sel], 1e-30)).ravel())
-                if r:
-                    by_group[g] = float(np.nanmedian(np.concatenate(r)))
-            gn["exact_gap"] = dict(models=len(sched), points=[int(s) for s in sched[0]["sched_steps"]],
-                                   probe_batch=int(sched[0]["probe_idx"].size), vs_exact=gaps,
-                                   column_over_exact_median_by_group=by_group,
-                                   sources=sorted({str(s) for t in sched for s in t["sched_sources"]}),
-                                   exact_norms_mean_by_point=np.mean([t["sched_norms"][:, 0].mean(1) for t in sched], 0).tolist())
-        vr["gradnorms"] = gn
+            rel = np.concatenate([(np.abs(t["sched_norms"][:, j] - t["sched_norms"][:, 0])
+                                   / np.maximum(t["sched_norms"][:, 0], 1e-30)).ravel() for t in sched])
+            ratio = np.concatenate([(t["sched_norms"][:, j] / np.maximum(t["sched_norms"][:, 0], 1e-30)).ravel()
+                                    for t in sched])
+            gaps[mode] = dict(median_rel_diff=float(np.nanmedian(rel)), mean_rel_diff=float(np.nanmean(rel)),
+                              max_rel_diff=float(np.nanmax(rel)), median_ratio_to_exact=float(np.nanmedian(ratio)))
+        by_group = {}
+        for g in groups:
+            r = []
+            for t in sched:
+                sel = in_group(group[t["probe_idx"]], g)
+                if sel.any():
+                    r.append((t["sched_norms"][:, 1, sel] / np.maximum(t["sched_norms"][:, 0, sel], 1e-30)).ravel())
+            if r:
+                by_group[g] = float(np.nanmedian(np.concatenate(r)))
+        gn["exact_gap"] = dict(models=len(sched), points=[int(s) for s in sched[0]["sched_steps"]],
+                               probe_batch=int(sched[0]["probe_idx"].size), vs_exact=gaps,
+                               column_over_exact_median_by_group=by_group,
+                               sources=sorted({str(s) for t in sched for s in t["sched_sources"]}),
+                               exact_norms_mean_by_point=np.mean([t["sched_norms"][:, 0].mean(1) for t in sched], 0).tolist())
+    vr["gradnorms"] = gn
+    return v, vr, stats, arrays
+
+
+def run_stage(root: str, cfg: Config, log=print, pool=None) -> None:
+    from .executor import n_workers, parallel_map
+
+    t0 = time.perf_counter()
+    d, attacks, primary, _ = _setup(root, cfg)
+    meta = read_json(os.path.join(root, "data.json"))
+    res = dict(bnmem=__version__, config=cfg.hashed_dict(), config_hash=cfg.hash(), data=meta,
+               versions=_versions(), hardware=_hardware(), groups=group_names(d["group"]), attacks=attacks,
+               primary_attack=primary, fprs=list(FPRS), bootstrap=cfg.bootstrap, variants={})
+    cfg_dict = {**cfg.hashed_dict(), "data_dir": cfg.data_dir}
+    tasks = [(root, cfg_dict, v) for v in cfg.variants]
+    got = {}
+    for v, vr, stats, arr in parallel_map(score_variant, tasks, workers=n_workers(cfg.workers, len(tasks)),
+                                          desc="score", progress=cfg.progress, pool=pool):
+        got[v] = (vr, stats, arr)
+    arrays, per_variant_stats = {}, {}
+    for v in cfg.variants:  # fixed order, whatever order the workers finished in
+        vr, stats, arr = got[v]
         res["variants"][v] = vr
         per_variant_stats[v] = stats
-        log(f"score: {v} done")
-
+        arrays.update(arr)
     res["comparisons"] = compare(per_variant_stats, cfg.variants)
     res["timings"] = dict(score_seconds=round(time.perf_counter() - t0, 1))
     write_npz(os.path.join(root, "scores.npz"), **{k.replace("/", "__"): a for k, a in arrays.items()})

@@ -8,6 +8,7 @@ both are written atomically, so a killed run loses at most the models in flight.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -104,11 +105,13 @@ def train_one(root: str, cfg_dict: dict, variant: str, m: int) -> dict:
                 continue
             xb, yb = x_all[idx], y_all[idx]
             opt.zero_grad(set_to_none=True)
-            with stepper.step(xb, yb, float(len(idx))):
+            probing = cfg.probe_every > 0 and step % cfg.probe_every == 0
+            with stepper.step(xb, yb) if probing else contextlib.nullcontext():
                 out = model(xb)
                 losses = F.cross_entropy(out, yb, reduction="none")
                 losses.mean().backward()
-            epoch_norms[epoch, idx] = stepper.norms.float().numpy()
+            if probing:
+                epoch_norms[epoch, idx] = stepper.norms.float().numpy()
             opt.step()
             lr_sched.step()
             step += 1

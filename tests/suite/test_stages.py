@@ -23,7 +23,7 @@ def test_config_layers_and_hash(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text("[bnmem]\nmodels = 6\nepochs = 3\n[bnmem.canaries]\nnoise = 7\n")
     cfg = build_config(toml_path=str(toml), overrides={"epochs": 5, "workers": 1})
-    assert (cfg.models, cfg.epochs, cfg.canaries["noise"], cfg.canaries["mislabeled"]) == (6, 5, 7, 50)
+    assert (cfg.models, cfg.epochs, cfg.canaries["noise"], cfg.canaries["mislabeled"]) == (6, 5, 7, 40)
     same = build_config(toml_path=str(toml), overrides={"epochs": 5, "workers": 2, "progress": False})
     assert cfg.hash() == same.hash()  # workers/progress do not change numbers
     assert cfg.hash() != build_config(toml_path=str(toml), overrides={"epochs": 5, "seed": 3}).hash()
