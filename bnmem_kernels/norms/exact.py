@@ -50,6 +50,18 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _get_rng(device):
+    device = torch.device(device)
+    return torch.get_rng_state(), (device, torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
+
+
+def _set_rng(state):
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda[1], cuda[0])
+
+
 def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=None, max_chunk=None,
                  path="auto", route=None):
     """Run mode="exact" and return (result, report): report = {"path": "coupled" | "seed_batched",
@@ -79,6 +91,7 @@ def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=No
     with preserved_model_state(model), torch.enable_grad():
         if path in ("auto", "coupled"):
             set_mode(model, "exact")
+            rng = _get_rng(args[0].device)
             try:
                 # on CPU the passes run one by one and cost what the loop's do: the coupled path only
                 # pays off when its plan needs fewer passes than B (S-route rows, closed forms)
@@ -90,9 +103,11 @@ def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=No
                 report.update(info)
                 report["path"] = "coupled"
             except NotCheaper as exc:
+                # the seed loop on a plain forward: its passes through native BatchNorm nodes are ~25%
+                # cheaper than through the coupled graph's; the RNG goes back to where the coupled
+                # forward started, so this forward draws the very same dropout masks
                 report["reason"] = f"policy: {exc}"
-                sq = seed_batched_sq_norms(exc.losses, names, params, acc, chunk)
-                report["path"] = "seed_batched"
+                _set_rng(rng)
             except Unsupported as exc:
                 if path == "coupled":
                     raise
@@ -101,8 +116,8 @@ def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=No
                               "seed-batched engine (same numbers, slower)", ExactFallbackWarning, stacklevel=3)
         if sq is None:
             set_mode(model, "exact")
-            # the coupled attempt may have drawn dropout masks: the fallback draws its own, as one
-            # fresh forward does
+            # after a refusal the RNG has moved on: this forward draws its own dropout masks (exact
+            # for them, as one fresh forward is)
             losses = check_losses(loss_fn(model(*args), targets), B)
             sq = seed_batched_sq_norms(losses, names, params, acc, chunk)
             report["path"] = "seed_batched"

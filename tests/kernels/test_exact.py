@@ -282,7 +282,7 @@ def test_auto_policy_on_cpu_takes_the_loop_when_the_plan_is_not_cheaper():
         out, rep = exact_report(m, ce, x, y)
     h.remove()
     assert rep["path"] == "seed_batched" and rep["reason"].startswith("policy:")
-    assert len(calls) == 1            # the loop runs on the coupled attempt's forward: one forward
+    assert len(calls) == 2            # the coupled attempt's forward, then a plain one for the loop
     assert rel(out, reference(m, ce, x, y, mode="exact")) <= 1e-10
 
 
