@@ -35,11 +35,12 @@ from ._state import preserved_model_state, set_mode, temporary_hooks
 class LayerCapture:
     """What the forward hook saw at one module call (rule state + the tap on its output)."""
 
-    __slots__ = ("name", "module", "rule", "state", "tap", "grad")
+    __slots__ = ("name", "module", "rule", "state", "tap", "grad", "bottom")
 
     def __init__(self, name, module, rule, state, tap):
         self.name, self.module, self.rule, self.state, self.tap = name, module, rule, state, tap
         self.grad = None
+        self.bottom = None   # (output, its version at the hook) for a bottom module tapped by a parameter
 
 
 def parameter_modules(model: nn.Module):
@@ -73,18 +74,20 @@ def install_capture_hooks(model, mode, handles, *, tap: bool, on_output=None):
                                 "per-sample norms need modules with parameters to return one tensor")
             state, replacement = rule.capture(module, args[0], output, mode)
             out = output if replacement is None else replacement
-            z = None
+            z, bottom = None, None
             if tap and out.requires_grad and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
                 # a module at the bottom of the graph (its input needs no gradient): the backward must reach
                 # it. autograd.grad asks for its smallest parameter (a bias: one reduction of G) when that is
                 # cheaper than a zero tap on its output (out + z, z a stride-0 zero leaf requiring grad)
                 small = min((p for p in module.parameters(recurse=False) if p.requires_grad), key=lambda p: p.numel())
                 if small.numel() * 16 <= out.numel():
-                    z = small
+                    z = small   # replaced by `out` itself after the forward unless an in-place op rewrote it
+                    bottom = (out, out._version)
                 else:
                     z = torch.zeros((), dtype=out.dtype, device=out.device).expand(out.shape).requires_grad_()
                     out = out + z
             cap = LayerCapture(name, module, rule, state, z)
+            cap.bottom = bottom
             captures.append(cap)
             if out.requires_grad:
                 # a tensor hook records the gradient arriving at the output. Registered before any later
@@ -173,9 +176,20 @@ def onepass_per_sample_grad_norms(model, loss_fn, inputs, targets, *, mode, per_
             raise RuntimeError("per_sample_grad_norms: found no module at the bottom of the graph to run the "
                                "backward to (every module with parameters takes an input that requires grad, "
                                "but none of the inputs does)")
-        # the one backward: the tensor hooks fill every capture's grad; what it returns is not needed
-        torch.autograd.grad(losses.sum(), [c.tap for c in live] + extra, allow_unused=True)
-        del losses
+        # a bottom module's output that no in-place op rewrote is itself the cheapest tap (its layer's
+        # backward then does not run at all); otherwise its smallest parameter (a bias) is
+        taps = []
+        for c in live:
+            if c.bottom is not None and c.bottom[0]._version == c.bottom[1]:
+                c.tap = c.bottom[0]
+            taps.append(c.tap)
+        # the one backward: the tensor hooks fill the other captures' grads
+        grads = torch.autograd.grad(losses.sum(), taps + extra, allow_unused=True)
+        for c, g in zip(live, grads):
+            if c.bottom is not None and c.tap is c.bottom[0]:
+                c.grad = g
+            c.bottom = None
+        del losses, grads
         with torch.no_grad():
             return norms_from_captures(model, captures, B, per_layer=per_layer, backend=backend,
                                        max_chunk=max_chunk)

@@ -395,3 +395,19 @@ def test_conv_grouped_route(conv, dtype):
     finally:
         rules._GROUPED_CHUNK_BYTES = old
     assert _GROUPED_CHUNK_BYTES == old
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_bottom_layer_rewritten_in_place(inplace):
+    """The bottom layer's output is the backward's tap unless an in-place op rewrote it (then its bias
+    is): both give the reference norms."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=inplace), nn.Conv2d(4, 4, 3, bias=False),
+                          nn.ReLU(inplace=inplace), Flat(), nn.Linear(4, 3)).double()
+    gen = torch.Generator().manual_seed(6)
+    x, y = torch.randn(5, 3, 5, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (5,), generator=gen)
+    for mode in MODES:
+        _, per = bk.per_sample_grad_norms(model, ce, x, y, mode=mode, per_layer=True)
+        _, eper = ref_norms(model, ce, x, y, mode=mode, per_layer=True)
+        for k in per:
+            torch.testing.assert_close(per[k], eper[k], rtol=1e-10, atol=1e-14)
