@@ -127,45 +127,6 @@ def _conv_padded(module, x):
     return x, ks, dil, st
 
 
-def conv_weight_sq_shifted(module, x, g):
-    """||dW_i||^2 of a stride-1 Conv1d/Conv2d without im2col: per kernel offset (p, q), sample i's
-    weight-gradient slice is G_i X_i[shifted]^T, one batched GEMM whose X operand is a strided view
-    of the padded input (flattened rows; G is zero-extended over the Wp - OW wrap-around columns so
-    every shifted window is one contiguous run). Squares summed over offsets. Same flops as one
-    weight-gradient GEMM, no unfolded copy; memory [B * groups, C_out/g, C_in/g] per offset."""
-    xp, ks, dil, _ = _conv_padded(module, x)
-    xp = xp.contiguous()
-    B, C, Hp, Wp = xp.shape
-    gr = module.groups
-    OH, OW = Hp - dil[0] * (ks[0] - 1), Wp - dil[1] * (ks[1] - 1)
-    g4 = g.reshape(B, g.shape[1], OH, OW)
-    span = (OH - 1) * Wp + OW
-    acc = _acc(x)
-    g_ext = g4.new_empty(B, g4.shape[1], OH, Wp)
-    g_ext[..., :OW] = g4
-    g_ext[..., OW:] = 0
-    g_ext = g_ext.view(B * gr, g4.shape[1] // gr, OH * Wp)[:, :, :span]
-    xf = xp.view(B * gr, C // gr, Hp * Wp)
-    if C // gr <= 4:
-        # few input channels (a first layer): one GEMM against all k offsets at once is faster than
-        # k tiny-N GEMMs; the stacked windows are a k-fold copy of a small input
-        cg = C // gr
-        xs = xf.new_empty(B * gr, cg, ks[0], ks[1], span)
-        for p in range(ks[0]):       # k^2 plain strided copies (one 5-D as_strided copy is ~3x slower)
-            for q in range(ks[1]):
-                off = p * dil[0] * Wp + q * dil[1]
-                xs[:, :, p, q].copy_(xf[:, :, off:off + span])
-        w = torch.bmm(g_ext, xs.view(B * gr, cg * ks[0] * ks[1], span).transpose(1, 2))
-        return w.to(acc).square().sum(dim=(1, 2)).view(B, gr).sum(dim=1)
-    total = torch.zeros(B * gr, dtype=acc, device=x.device)
-    for p in range(ks[0]):
-        for q in range(ks[1]):
-            off = p * dil[0] * Wp + q * dil[1]
-            w = torch.bmm(g_ext, xf[:, :, off:off + span].transpose(1, 2))
-            total += w.to(acc).square().sum(dim=(1, 2))
-    return total.view(B, gr).sum(dim=1)
-
-
 _GROUPED_CHUNK_BYTES = 8 << 20
 
 
@@ -201,11 +162,11 @@ class ConvRule(Rule):
     ||dW_i||^2 = sum_groups ||G_i^T A_i||^2 through ghost_norm_linear (which picks the Gram route,
     2 L^2 < d_in d_out, or materializes G_i^T A_i), samples x groups stacked into its batch.
     On the cpu backend, when the materialized gradient is cheaper in flops than the Gram route
-    (L (d_in + d_out) >= d_in d_out), im2col is skipped: more than 4 input channels per group ->
-    conv_weight_sq_grouped (the backend's weight-gradient kernel with the batch folded into the
-    groups), else, at stride 1, conv_weight_sq_shifted. Measured at B = 64, 2 threads: 16->32 ch
-    16x16: grouped 1.6 ms, shifted 2.0 ms, unfold + ghost_norm_linear ~8 ms; 3->16 ch 32x32: shifted
-    2.8 ms, grouped 130 ms (mkldnn with 64 groups of 3 channels)."""
+    (L (d_in + d_out) >= d_in d_out) and there are more than 4 input channels per group, im2col is
+    skipped: conv_weight_sq_grouped (the backend's weight-gradient kernel with the batch folded into
+    the groups). Measured at B = 64, 1-2 threads: 16->32 ch 16x16: grouped 1.6 ms, shifted-window
+    GEMMs 2.0 ms, unfold + ghost_norm_linear ~3 ms; 3->16 ch 32x32: unfold (unfold2d) +
+    ghost_norm_linear 2.4 ms, shifted windows 3.3 ms, grouped 130 ms (mkldnn, 64 groups of 3 channels)."""
 
     def sq_norms(self, module, state, grad_out, backend):
         x = state["x"]
@@ -220,9 +181,6 @@ class ConvRule(Rule):
             # CPU, materializing is the cheaper route in flops (T d_in d_out <= T^2 (d_in + d_out)), enough
             # input channels for the backend's grouped weight-gradient kernel to run well
             out = {"weight": conv_weight_sq_grouped(module, x, g)}
-        elif cpu_materialize and all(s == 1 for s in module.stride):
-            # few input channels (a first layer), stride 1: the shifted-window GEMMs, no im2col, no Gram
-            out = {"weight": conv_weight_sq_shifted(module, x, g)}
         else:
             a = _conv_rows(module, x)
             g_rows = g.reshape(B * gr, g.shape[1] // gr, -1).transpose(1, 2)

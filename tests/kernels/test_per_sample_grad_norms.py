@@ -341,16 +341,16 @@ def test_clear_errors(bad, exc, msg):
 
 
 @pytest.mark.parametrize("conv", [
-    lambda: nn.Conv2d(3, 4, 3, padding=1),                                       # stacked offsets (few channels)
-    lambda: nn.Conv2d(6, 5, (3, 2), padding="same", dilation=(2, 1), groups=1),  # shifted loop, asymmetric 'same'
+    lambda: nn.Conv2d(3, 4, 3, padding=1),
+    lambda: nn.Conv2d(6, 5, (3, 2), padding="same", dilation=(2, 1), groups=1),  # asymmetric 'same'
     lambda: nn.Conv2d(10, 4, 3, padding=2, groups=2, padding_mode="circular"),   # groups, circular
     lambda: nn.Conv1d(9, 3, 4, padding="same", dilation=3),                      # 1-D, asymmetric 'same'
     lambda: nn.Conv1d(2, 3, 3, padding=1, padding_mode="reflect", bias=False),
 ])
 def test_conv_routes_agree(conv):
-    """The cpu-only shifted-window route (no im2col) == the unfold + ghost_norm_linear route (both
-    materialize and Gram) == per-sample autograd, in fp64."""
-    from bnmem_kernels.norms.rules import _conv_rows, conv_weight_sq_shifted
+    """The unfold (unfold2d) + ghost_norm_linear route (both materialize and Gram) and the cpu-only
+    grouped route == per-sample autograd, in fp64."""
+    from bnmem_kernels.norms.rules import _conv_rows, conv_weight_sq_grouped
     torch.manual_seed(0)
     m = conv().double()
     nd = len(m.kernel_size)
@@ -360,7 +360,7 @@ def test_conv_routes_agree(conv):
     truth = torch.stack([torch.autograd.grad((m(x[i:i + 1]) * c[i:i + 1]).sum(), m.weight)[0].square().sum()
                          for i in range(3)])
     g = c.reshape(3, c.shape[1], -1)
-    _check_close(conv_weight_sq_shifted(m, x, g), truth, 1e-10)
+    _check_close(conv_weight_sq_grouped(m, x, g), truth, 1e-10)
     a = _conv_rows(m, x)
     gr = m.groups
     g_rows = g.reshape(3 * gr, g.shape[1] // gr, -1).transpose(1, 2)
