@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-# S route only while J_k (2 C_k x P entries) stays below this many bytes.
+# S route only while the J_k of all S-route calls (2 C_k x P entries each) stay below this many bytes.
 S_ROUTE_BYTES = 256 * 2**20
 # phase-2 per-sample losses must reproduce the batch forward's to this relative accuracy
 _LOSS_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -374,14 +374,18 @@ def coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk
         # phase 3 plan: per BatchNorm call, B route (seeds v_i) or S route (J_k's 2 C_k rows)
         P = sum(p.numel() for p in params)
         plan = []
+        j_bytes = 0                     # all S-route J_k together stay within S_ROUTE_BYTES
         for k, (mu, var) in enumerate(stats):
             C = mu.numel()
-            s_ok = 2 * C * P * params[0].element_size() <= S_ROUTE_BYTES
+            need = 2 * C * P * params[0].element_size()
+            s_ok = j_bytes + need <= S_ROUTE_BYTES
             r = route or ("S" if (2 * C < B and s_ok) else "B")
             if not mu.requires_grad:
                 r = "none"      # statistics of an input no parameter feeds: J_k = 0
             elif k in closed and closed[k]["input_free"]:
                 r = "closed"    # J_k is the closed-form block of the layer beneath alone
+            if r == "S":
+                j_bytes += need
             plan.append(r)
         n_passes = (B if any(r == "B" for r in plan) else 0) + sum(
             2 * stats[k][0].numel() for k, r in enumerate(plan) if r == "S")
