@@ -90,7 +90,7 @@ class Config:
         if self.models < 4:
             raise BnmemError(f"--models {self.models} is too few: memorization and LiRA need at least 4 "
                              "shadow models per variant (each candidate IN for half, one left out as target); "
-                             "use --models 4 or more (16+ for per-example-variance LiRA)")
+                             "use --models 4 or more (8+ for per-example-variance LiRA)")
         if self.models % 2:
             raise BnmemError(f"--models {self.models} must be even (each candidate is IN for exactly half)")
         for a in self.attacks:

@@ -260,7 +260,7 @@ def report_markdown(res, man) -> str:
         A("")
 
     A("## Accuracy\n")
-    A("| variant | train acc (mean) | test acc (mean ± sd) |")
+    A("| variant | train acc (last epoch, running, mean) | test acc (mean ± sd) |")
     A("|---|---|---|")
     for v in variants:
         r = res["variants"][v]
@@ -386,6 +386,14 @@ def report_markdown(res, man) -> str:
                "candidate sampling, not model-training randomness beyond the shadow models used.",
                "Each ▲/▼ is a separate 95% interval with no multiple-comparison correction: among many comparisons "
                "a few can exclude 0 by chance; read the pattern, not any single cell."]
+    tr = {v: float(np.mean(res["variants"][v]["train_acc"])) for v in variants}
+    for b in [v for v in ("bn", "bn-frozen") if v in tr]:
+        slower = [v for v in variants if not v.startswith("bn") and tr[b] - tr[v] > 0.01]
+        if slower:
+            caveats.append(f"{b} also fit its training set faster in the same {cfg['epochs']} epochs (last-epoch train accuracy "
+                           f"{tr[b]:.3f} vs " + ", ".join(f"{v} {tr[v]:.3f}" for v in slower) + "): part of a "
+                           "difference in memorization/leakage may come from faster fitting rather than from BN's "
+                           "batch coupling itself; rerun with more --epochs to compare at convergence.")
     if "reference" in " ".join(srcs):
         caveats.append("Step-probe gradient norms came from bnmem_kernels.reference (autograd loop), not GradNormProbe.")
     for v, e in eg:
