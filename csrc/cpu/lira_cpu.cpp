@@ -56,13 +56,19 @@ inline double full_median(const double* s, int64_t L) {
 
 struct Group {
   int64_t cnt = 0;
-  double mean = 0, s1 = 0, s2 = 0;
-  // mean and population variance over the group, without d_t (= x_t - mean) when `drop`.
+  double mean = 0, s1 = 0, s2 = 0, inv_full = 0, inv_loo = 0;  // 1 / cnt, 1 / (cnt - 1)
+  inline void finish() {
+    inv_full = cnt > 0 ? 1.0 / static_cast<double>(cnt) : 0.0;
+    inv_loo = cnt > 1 ? 1.0 / static_cast<double>(cnt - 1) : 0.0;
+  }
+  // mean and population variance over the group, without d_t (= x_t - mean) when `drop`
+  // (multiplications by the precomputed reciprocals: no division per target).
   inline void stats(bool drop, double d_t, double& mu, double& var) const {
-    const double n = static_cast<double>(cnt - (drop ? 1 : 0));
-    const double m = (s1 - (drop ? d_t : 0.0)) / n;
+    const double inv = drop ? inv_loo : inv_full;
+    const double d = drop ? d_t : 0.0;
+    const double m = (s1 - d) * inv;
     mu = mean + m;
-    var = (s2 - (drop ? d_t * d_t : 0.0)) / n - m * m;
+    var = (s2 - d * d) * inv - m * m;
     if (var < 0) var = 0;
   }
 };
@@ -102,6 +108,8 @@ void lira_scores_kernel(const scalar_t* conf, const bool* keep, const double* gs
           g.s2 += d * d;
           if (median) (k[m] ? sin[li++] : sout[lo++]) = v;
         }
+        gi.finish();
+        go.finish();
         if (median) {
           std::sort(sin.begin(), sin.begin() + li);
           std::sort(sout.begin(), sout.begin() + lo);
@@ -124,7 +132,9 @@ void lira_scores_kernel(const scalar_t* conf, const bool* keep, const double* gs
             if (median) mu_i = t_in ? loo_median(sin.data(), li, c) : full_median(sin.data(), li);
             if (gstd) var_i = gstd[t * A + a] * gstd[t * A + a];
             // log N(c; mu_i, s_i) - log N(c; mu_o, s_o)
-            v = 0.5 * (e_o / var_o - (c - mu_i) * (c - mu_i) / var_i - std::log(var_i / var_o));
+            // one division: r = 1 / (var_i var_o)
+            const double r = 1.0 / (var_i * var_o);
+            v = 0.5 * ((e_o * var_i - (c - mu_i) * (c - mu_i) * var_o) * r - std::log(var_i * var_i * r));
           } else if (logpdf) {
             v = 0.5 * (e_o / var_o + std::log(var_o)) + kLogSqrt2Pi;  // -log N(c; mu_o, s_o)
           } else {
