@@ -186,6 +186,10 @@ def _patched(model, tape):
                 handles.append(m.register_forward_hook(
                     lambda mod, a, o: tape.outputs.append((mod, o, a[0] if a else None)) if tape.recording else None))
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if type(m).forward is not nn.modules.batchnorm._BatchNorm.forward:
+                    # e.g. ghost (virtual-batch) BN: its own statistics, not the whole batch's
+                    raise Unsupported(f"{type(m).__name__} overrides BatchNorm's forward; the coupled path "
+                                      "models torch's whole-batch BatchNorm only")
                 m.forward = _bn_forward(m, tape)
                 patched.append(m)
             elif isinstance(m, _DROPOUTS):

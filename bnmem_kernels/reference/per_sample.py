@@ -129,8 +129,12 @@ def per_sample_grad_norms(model, loss_fn, inputs, targets, *, mode="exact", per_
         else:
             with temporary_hooks() as handles:
                 if mode == "detached":
-                    for m in model.modules():
+                    for name, m in model.named_modules():
                         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                            if type(m).forward is not torch.nn.modules.batchnorm._BatchNorm.forward:
+                                raise ValueError(
+                                    f"module {name!r} ({type(m).__name__}) overrides BatchNorm's forward; the "
+                                    "reference detached mode recomputes torch's whole-batch BatchNorm only")
                             handles.append(m.register_forward_hook(_detached_bn_hook))
                 losses = check_losses(loss_fn(model(*args), targets), B)
             sq = _loop(losses, names, params, acc)

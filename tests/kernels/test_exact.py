@@ -342,3 +342,27 @@ def test_public_api_routes_exact_here():
     out, pl = bnmem_kernels.per_sample_grad_norms(m, ce, x, y, mode="exact", per_layer=True, max_chunk=2)
     assert rel(out, exp) <= 1e-10
     check_per_layer(pl, exp_pl, exp.max().item(), 1e-10)
+
+
+class _VirtualBatchNorm2d(nn.BatchNorm2d):
+    """Ghost BN: statistics per virtual batch of 4 samples (a BatchNorm subclass with its own forward)."""
+
+    def forward(self, x):
+        return torch.cat([F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps)
+                          for c in x.split(4)])
+
+
+def test_batchnorm_subclass_with_own_forward_is_never_modelled_as_whole_batch_bn():
+    """The coupled path models torch's whole-batch BN; a subclass with its own forward (ghost BN) must
+    take the general engine (with the warning), giving the loop's numbers, never whole-batch ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), _VirtualBatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(3 * 6 * 6, 5)).double()
+    x, y = torch.randn(11, 1, 8, 8, dtype=torch.float64), torch.arange(11) % 5
+    loss = lambda out, t: F.cross_entropy(out, t, reduction="none")  # noqa: E731
+    with pytest.warns(ExactFallbackWarning, match="overrides BatchNorm's forward"):
+        got = exact_per_sample_grad_norms(model, loss, x, y, backend="reference")
+    want = reference(model, loss, x, y, mode="exact")
+    assert ((got - want).abs() / want).max().item() <= 1e-10
+    with pytest.raises(ValueError, match="overrides BatchNorm's forward"):
+        reference(model, loss, x, y, mode="detached")
