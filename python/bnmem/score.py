@@ -137,7 +137,11 @@ def _versions() -> dict:
 def _setup(root, cfg):
     d = read_npz(os.path.join(root, "data.npz"))
     attacks = cfg.attack_list()
-    primary = next((a for a in ("lira_online", "lira_online_global") if a in attacks), attacks[0])
+    # The primary attack (bootstrap intervals, figures): online LiRA with per-example variance when there
+    # are enough models for it; with fewer, offline LiRA (global variance), which needs only OUT models and
+    # stays sane where the online fit from 1-2 IN models is biased (AUC < 0.5 seen at M = 4).
+    primary = next((a for a in ("lira_online", "lira_offline_global", "lira_online_global") if a in attacks),
+                   attacks[0])
     boots = stratified_resamples(d["group"], cfg.bootstrap, cfg.seed)
     return d, attacks, primary, boots
 
