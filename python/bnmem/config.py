@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tomllib
 from dataclasses import dataclass, field
 
 from .errors import BnmemError
@@ -142,6 +141,13 @@ def field_names():
 
 
 def load_toml(path: str) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise BnmemError("--config needs Python >= 3.11 (tomllib) or `pip install tomli`") from None
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
