@@ -4,23 +4,25 @@
 // exponentials over its strided share of K (skipping the label), then the lanes merge their
 // (max, sum) pairs by shuffles. One read of the logits; fp32 accumulation (fp64 for fp64).
 //
-// lira_scores: a block owns LANES consecutive examples (32 for fp32, 16 for fp64) and all M models:
-// per augmentation it stages the [M, LANES] slice of conf in shared memory (coalesced along the
-// examples), reduces the in/out group means and centred sums S1, S2 over the models (fp64), finds
-// for center=median the middle order statistics of each group by ranking in shared memory, and then
-// every thread scores its targets t: leave-one-model-out statistics by subtracting t's own value,
-// Gaussian log-likelihoods in the input precision, accumulated over augmentations in shared memory.
-// Each conf value is read once from global memory and each score written once.
+// lira_scores: a block owns E consecutive examples and all M models; its E * A (example,
+// augmentation) columns are contiguous in every model row of conf, staged 32 columns at a time in
+// shared memory (coalesced reads). Per column: in/out group means and centred sums S1, S2 over the
+// models (fp64), for center=median the middle order statistics of each group by ranking in shared
+// memory; then every thread scores its targets t (leave-one-model-out by subtracting t's own value,
+// Gaussian log-likelihoods in the input precision) and the columns are folded into per-example sums
+// in column order (deterministic). Each conf value is read once, each score written once.
 #include "cuda_utils.cuh"
 #include "../include/bnmem_common.h"
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
 namespace bnmem {
 namespace {
 
-constexpr int kRows = 8;  // threads over models per example column
+constexpr int kLanes = 32;  // columns (example, augmentation) per chunk
+constexpr int kRows = 8;    // threads over models per column
 constexpr double kLogSqrt2PiD = 0.91893853320467274178;
 
 template <typename T>
@@ -72,57 +74,67 @@ __device__ __forceinline__ void group_center(const GroupStat& g, bool drop, doub
   }
 }
 
-template <typename scalar_t, int LANES>
-__global__ void __launch_bounds__(LANES * kRows)
+// Columns are (example, augmentation) pairs: conf viewed as [M, N * A] is contiguous per model, so a
+// warp reads 32 consecutive columns of one model row (coalesced for every A). A block owns E whole
+// examples (E * A columns, walked in chunks of 32) and all M models.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kLanes * kRows)
 lira_scores_kernel(const scalar_t* __restrict__ conf, const bool* __restrict__ keep,
                    const scalar_t* __restrict__ gstd, scalar_t* __restrict__ out, int64_t M, int64_t N,
-                   int64_t A, bool online, bool median, bool logpdf, int need_in, int need_out) {
+                   int64_t A, int64_t E, bool online, bool median, bool logpdf, int need_in, int need_out) {
+  using acc_t = typename AccOf<scalar_t>::type;
   extern __shared__ unsigned char smem_raw[];
-  scalar_t* tile = reinterpret_cast<scalar_t*>(smem_raw);  // [M][LANES]
-  scalar_t* acc = tile + M * LANES;                         // [M][LANES]
-  unsigned char* kp = reinterpret_cast<unsigned char*>(acc + M * LANES);  // [M][LANES]
-  __shared__ double red[4][kRows][LANES];
-  __shared__ GroupStat stat[2][LANES];  // 0: in, 1: out
+  scalar_t* tile = reinterpret_cast<scalar_t*>(smem_raw);            // [M][kLanes]: x, then v
+  scalar_t* acc = tile + M * kLanes;                                  // [M][E]: sum over a of v
+  unsigned char* kp = reinterpret_cast<unsigned char*>(acc + M * E);  // [M][E]: keep
+  __shared__ double red[4][kRows][kLanes];
+  __shared__ GroupStat stat[2][kLanes];  // 0: in, 1: out, per column
 
   const int lane = threadIdx.x, row = threadIdx.y;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * LANES + lane;
-  const bool live = n < N;
-
-  int cin = 0;
-  for (int64_t m = row; m < M; m += kRows) {
-    const unsigned char k = live ? static_cast<unsigned char>(keep[m * N + n]) : 0;
-    kp[m * LANES + lane] = k;
-    cin += k;
+  const int tid = row * kLanes + lane, nthreads = kLanes * kRows;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * E;
+  for (int64_t i = tid; i < M * E; i += nthreads) {
+    const int64_t m = i / E, n = n0 + i % E;
+    kp[i] = n < N ? static_cast<unsigned char>(keep[m * N + n]) : 0;
+    acc[i] = scalar_t(0);
   }
-  red[0][row][lane] = cin;
-  __syncthreads();
-  double n_in = 0;
-  for (int r = 0; r < kRows; ++r) n_in += red[0][r][lane];
-  const double n_out = static_cast<double>(M) - n_in;
   __syncthreads();
 
-  for (int64_t a = 0; a < A; ++a) {
-    double p_in = 0, p_out = 0;
+  const int64_t cols = E * A;
+  for (int64_t c0 = 0; c0 < cols; c0 += kLanes) {
+    const int64_t j = c0 + lane, e = j / A;
+    const bool live = j < cols && n0 + e < N;
+    const int64_t ee = live ? e : 0;
+    // stage the column chunk; group sums
+    double p_in = 0, p_out = 0, c_in = 0;
     for (int64_t m = row; m < M; m += kRows) {
-      const scalar_t v = live ? conf[(m * N + n) * A + a] : scalar_t(0);
-      tile[m * LANES + lane] = v;
-      (kp[m * LANES + lane] ? p_in : p_out) += static_cast<double>(v);
+      const scalar_t v = live ? conf[(m * N + n0) * A + j] : scalar_t(0);
+      tile[m * kLanes + lane] = v;
+      if (kp[m * E + ee]) {
+        p_in += static_cast<double>(v);
+        c_in += 1;
+      } else {
+        p_out += static_cast<double>(v);
+      }
     }
     red[0][row][lane] = p_in;
     red[1][row][lane] = p_out;
+    red[2][row][lane] = c_in;
     __syncthreads();
-    double mean_in = 0, mean_out = 0;
+    double mean_in = 0, mean_out = 0, n_in = 0;
     for (int r = 0; r < kRows; ++r) {
       mean_in += red[0][r][lane];
       mean_out += red[1][r][lane];
+      n_in += red[2][r][lane];
     }
+    const double n_out = static_cast<double>(M) - n_in;
     mean_in /= (n_in > 0 ? n_in : 1.0);
     mean_out /= (n_out > 0 ? n_out : 1.0);
     __syncthreads();
     double s1i = 0, s2i = 0, s1o = 0, s2o = 0;
     for (int64_t m = row; m < M; m += kRows) {
-      const double v = static_cast<double>(tile[m * LANES + lane]);
-      if (kp[m * LANES + lane]) {
+      const double v = static_cast<double>(tile[m * kLanes + lane]);
+      if (kp[m * E + ee]) {
         const double d = v - mean_in;
         s1i += d;
         s2i += d * d;
@@ -151,16 +163,16 @@ lira_scores_kernel(const scalar_t* __restrict__ conf, const bool* __restrict__ k
     }
     __syncthreads();
     if (median) {
-      // rank of each group member among its group (ties broken by model index): members whose
-      // rank is p-1, p or p+1 publish their value.
+      // rank of each member within its group (ties broken by model index); the members of rank
+      // p-1, p, p+1 publish their values (each rank is held by exactly one member).
       for (int64_t m = row; m < M; m += kRows) {
-        const unsigned char km = kp[m * LANES + lane];
-        const scalar_t xm = tile[m * LANES + lane];
+        const unsigned char km = kp[m * E + ee];
+        const scalar_t xm = tile[m * kLanes + lane];
         int64_t rank = 0;
-        for (int64_t j = 0; j < M; ++j) {
-          if (kp[j * LANES + lane] != km) continue;
-          const scalar_t xj = tile[j * LANES + lane];
-          rank += (xj < xm) || (xj == xm && j < m);
+        for (int64_t q = 0; q < M; ++q) {
+          if (kp[q * E + ee] != km) continue;
+          const scalar_t xq = tile[q * kLanes + lane];
+          rank += (xq < xm) || (xq == xm && q < m);
         }
         GroupStat& g = stat[km ? 0 : 1][lane];
         const int64_t p = (static_cast<int64_t>(g.cnt) - 1) / 2;
@@ -170,11 +182,12 @@ lira_scores_kernel(const scalar_t* __restrict__ conf, const bool* __restrict__ k
       }
       __syncthreads();
     }
-    using acc_t = typename AccOf<scalar_t>::type;
     const GroupStat gi = stat[0][lane], go = stat[1][lane];
+    const int64_t a = live ? j % A : 0;
     for (int64_t t = row; t < M; t += kRows) {
-      const bool t_in = kp[t * LANES + lane];
-      const double x = static_cast<double>(tile[t * LANES + lane]);
+      // each thread reads and then overwrites only its own cell [t][lane]: x -> v
+      const bool t_in = kp[t * E + ee];
+      const double x = static_cast<double>(tile[t * kLanes + lane]);
       double mu_o, sd_o;
       group_center(go, !t_in, x, median, mu_o, sd_o);
       if (gstd) sd_o = static_cast<double>(gstd[(M + t) * A + a]);
@@ -190,40 +203,62 @@ lira_scores_kernel(const scalar_t* __restrict__ conf, const bool* __restrict__ k
       } else {
         v = log_ndtr<acc_t>((c - static_cast<acc_t>(mu_o)) / static_cast<acc_t>(sd_o));
       }
-      acc[t * LANES + lane] = (a == 0 ? acc_t(0) : acc[t * LANES + lane]) + v;
+      tile[t * kLanes + lane] = live ? static_cast<scalar_t>(v) : scalar_t(0);
+    }
+    __syncthreads();
+    // fold this chunk's columns into their examples, in column order (deterministic)
+    const int64_t e_first = c0 / A, e_last = (c0 + kLanes - 1 < cols ? c0 + kLanes - 1 : cols - 1) / A;
+    const int64_t span = e_last - e_first + 1;
+    for (int64_t i = tid; i < M * span; i += nthreads) {
+      const int64_t t = i / span, e2 = e_first + i % span;
+      const int64_t j0 = e2 * A > c0 ? e2 * A : c0;
+      const int64_t j1 = (e2 + 1) * A < c0 + kLanes ? (e2 + 1) * A : c0 + kLanes;
+      acc_t sum = 0;
+      for (int64_t jj = j0; jj < j1; ++jj) sum += static_cast<acc_t>(tile[t * kLanes + (jj - c0)]);
+      acc[t * E + e2] += static_cast<scalar_t>(sum);
     }
     __syncthreads();
   }
-  if (!live) return;
-  for (int64_t t = row; t < M; t += kRows) {
-    const bool t_in = kp[t * LANES + lane];
-    const double ci = n_in - (t_in ? 1 : 0), co = n_out - (t_in ? 0 : 1);
+  // scores: NaN where the target leaves too few in/out models
+  for (int64_t i = tid; i < M * E; i += nthreads) {
+    const int64_t t = i / E, e = i % E, n = n0 + e;
+    if (n >= N) continue;
+    int64_t cnt_in = 0;
+    for (int64_t m = 0; m < M; ++m) cnt_in += kp[m * E + e];
+    const bool t_in = kp[t * E + e];
+    const int64_t ci = cnt_in - (t_in ? 1 : 0), co = (M - cnt_in) - (t_in ? 0 : 1);
     const bool ok = ci >= need_in && co >= need_out;
-    out[t * N + n] = ok ? acc[t * LANES + lane] / static_cast<scalar_t>(A) : static_cast<scalar_t>(NAN);
+    out[t * N + n] = ok ? acc[i] / static_cast<scalar_t>(A) : static_cast<scalar_t>(NAN);
   }
 }
 
-template <typename scalar_t, int LANES>
+template <typename scalar_t>
 void launch_lira(const at::Tensor& conf, const at::Tensor& keep, const at::Tensor& gstd, at::Tensor& out,
                  bool online, bool median, bool logpdf) {
   const int64_t M = conf.size(0), N = conf.size(1), A = conf.size(2);
   const int need = gstd.defined() ? 1 : 2;
-  const size_t smem = static_cast<size_t>(M) * LANES * (2 * sizeof(scalar_t) + 1);
-  auto kernel = lira_scores_kernel<scalar_t, LANES>;
+  // examples per block: about 64 columns (32 in fp64) so the score writes come in runs
   int dev = 0, max_smem = 0;
   BNMEM_CUDA_CHECK(cudaGetDevice(&dev));
   BNMEM_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  const size_t static_smem = sizeof(double) * 4 * kRows * LANES + sizeof(GroupStat) * 2 * LANES;
+  const size_t static_smem = sizeof(double) * 4 * kRows * kLanes + sizeof(GroupStat) * 2 * kLanes;
+  auto smem_for = [&](int64_t e) {
+    return static_cast<size_t>(M) * (kLanes * sizeof(scalar_t) + e * (sizeof(scalar_t) + 1));
+  };
+  int64_t E = std::max<int64_t>(1, (sizeof(scalar_t) == 8 ? 32 : 64) / A);
+  while (E > 1 && smem_for(E) + static_smem > static_cast<size_t>(max_smem)) E /= 2;  // large M
+  const size_t smem = smem_for(E);
+  auto kernel = lira_scores_kernel<scalar_t>;
   TORCH_CHECK(smem + static_smem <= static_cast<size_t>(max_smem), "bnmem::lira_scores (cuda): M = ", M,
               " models need ", smem + static_smem, " bytes of shared memory per block, the device has ",
               max_smem, "; use backend='triton' or 'reference'");
   if (smem > 48 * 1024)
     BNMEM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 block(LANES, kRows);
-  const dim3 grid(static_cast<unsigned>((N + LANES - 1) / LANES));
+  const dim3 block(kLanes, kRows);
+  const dim3 grid(static_cast<unsigned>((N + E - 1) / E));
   kernel<<<grid, block, smem, current_stream(conf)>>>(
       conf.const_data_ptr<scalar_t>(), keep.const_data_ptr<bool>(),
-      gstd.defined() ? gstd.const_data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, A, online,
+      gstd.defined() ? gstd.const_data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M, N, A, E, online,
       median, logpdf, online ? need : 0, need);
 }
 
@@ -250,9 +285,9 @@ at::Tensor lira_scores_cuda(const at::Tensor& conf_in, const at::Tensor& keep_in
   at::Tensor out = at::empty({M, N}, conf.options());
   if (N == 0 || M == 0) return out;
   if (conf.scalar_type() == at::kDouble) {
-    launch_lira<double, 16>(conf, keep, gstd, out, online, median, logpdf);
+    launch_lira<double>(conf, keep, gstd, out, online, median, logpdf);
   } else {
-    launch_lira<float, 32>(conf, keep, gstd, out, online, median, logpdf);
+    launch_lira<float>(conf, keep, gstd, out, online, median, logpdf);
   }
   BNMEM_CUDA_CHECK(cudaGetLastError());
   return out;
