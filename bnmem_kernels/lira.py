@@ -53,7 +53,13 @@ def lira_scores(conf: torch.Tensor, keep: torch.Tensor, *, online: bool = True,
     Each group needs 2 models (per_example) or 1 (global) besides the target: scores lacking them
     are NaN, with one RuntimeWarning giving their count (ValueError if none can be formed).
     M >= 2; conf finite (ValueError naming how many and where otherwise); keep bool (TypeError).
-    fp64 conf gives fp64; fp32 (fp16/bf16 widened) gives fp32. Cost O(M N A), memory O(M N).
+    A group whose values all coincide has zero spread: its scores are not finite, with a
+    RuntimeWarning giving their count (the public code adds 1e-30 to the std instead).
+    fp64 conf gives fp64; fp32 (fp16/bf16 widened) gives fp32. Cost O(M N A) (plus O(M log M) per
+    (n, a) for the median: one sort of each group, each target's leave-one-out median then read off
+    the sorted middle values), memory O(M N). Backends: cpu (C++/OpenMP, fp64 arithmetic), cuda,
+    triton (group statistics in fp64, log-likelihoods in the input precision), reference
+    (vectorized fp64 PyTorch, any device).
     """
     return _ls.lira_scores(conf, keep, online=online, variance=variance, center=center,
                            offline_stat=offline_stat, backend=backend)
