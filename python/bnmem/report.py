@@ -241,7 +241,8 @@ def report_markdown(res, man) -> str:
     comps = res.get("comparisons", {})
     heads = [("eval/overall/auc", "MIA AUC"), ("eval/overall/tpr@0.01", "TPR @ 1% FPR"), ("eval/ood/auc", "MIA AUC on OOD"),
              ("eval/mem/ood", "mem OOD"), ("eval/mem/in_dist", "mem in-dist"),
-             ("grad/ratio_vs_in_dist/ood", "grad-norm ratio OOD / in-dist")]
+             ("grad/ratio_vs_in_dist/ood", "grad-norm ratio OOD / in-dist (mean over training)"),
+             ("grad/ratio_last_epoch_vs_in_dist/ood", "grad-norm ratio OOD / in-dist (last epoch)")]
     if comps:
         A("Did BN amplify? Paired differences (BN variant − other), 95% bootstrap CI; ▲ higher with BN, ▼ lower, "
           "≈ interval includes 0:\n")
