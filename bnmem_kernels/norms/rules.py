@@ -45,6 +45,11 @@ def register(*types):
 def rule_for(module: nn.Module, name: str = "") -> "Rule":
     for t in type(module).__mro__:
         if t in RULES:
+            if type(module).forward is not t.forward:   # e.g. a ghost-BatchNorm subclass: not what the rule knows
+                raise UnsupportedModuleError(
+                    f"module {name or '<root>'!r} of type {type(module).__module__}.{type(module).__name__} "
+                    f"subclasses {t.__name__} but overrides its forward; the {t.__name__} rule only knows "
+                    f"{t.__name__}.forward. Add a rule for it in bnmem_kernels/norms/rules.py (@register)")
             return RULES[t]
     supported = ", ".join(sorted(t.__name__ for t in RULES))
     raise UnsupportedModuleError(

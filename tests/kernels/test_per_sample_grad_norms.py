@@ -411,3 +411,19 @@ def test_bottom_layer_rewritten_in_place(inplace):
         _, eper = ref_norms(model, ce, x, y, mode=mode, per_layer=True)
         for k in per:
             torch.testing.assert_close(per[k], eper[k], rtol=1e-10, atol=1e-14)
+
+
+class GhostBN(nn.BatchNorm2d):
+    """Normalizes in virtual batches of 2: a BatchNorm subclass whose forward the BN rule does not know."""
+
+    def forward(self, x):
+        return torch.cat([super(GhostBN, self).forward(c) for c in x.split(2)])
+
+
+def test_subclass_overriding_forward_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), GhostBN(4), Flat(), nn.Linear(36, 3)).double()
+    x, y = torch.randn(4, 3, 5, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    with pytest.raises(UnsupportedModuleError, match="GhostBN.*overrides its forward"):
+        bk.per_sample_grad_norms(model, ce, x, y, mode="column")
+    with pytest.raises(UnsupportedModuleError, match="GhostBN"):
+        bk.GradNormProbe(model)
