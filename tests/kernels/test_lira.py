@@ -15,7 +15,8 @@ from bnmem_kernels.testing import backend_params, device_backend_params
 
 # the Triton interpreter evaluates masked lanes (log(0), inf - inf) through numpy, which warns
 pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")]
+              pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")]
 
 # online: per_example/global x mean/median; offline: x one_sided/logpdf
 VARIANTS = [(True, v, c, "one_sided") for v in ("per_example", "global") for c in ("mean", "median")] + \
