@@ -72,7 +72,8 @@ def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=No
     `path`: "auto" (coupled, falling back when it refuses), "coupled" (raise instead of falling
     back) or "seed_batched". `route`: None, "B" or "S" (force the coupled path's route; tests).
     """
-    from .exact_coupled import NotCheaper, Unsupported, batched_seeds_default, coupled_sq_norms
+    from .exact_coupled import (NotCheaper, Unsupported, batched_seeds_default, coupled_sq_norms,
+                                 policy_precheck)
     from .exact_fallback import seed_batched_sq_norms
 
     args, B = check_call(model, loss_fn, inputs, targets, "exact", max_chunk, per_layer)
@@ -92,10 +93,24 @@ def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=No
         if path in ("auto", "coupled"):
             set_mode(model, "exact")
             rng = _get_rng(args[0].device)
+            # on CPU the passes run one by one and cost what the loop's do: the coupled path only
+            # pays off when its plan needs fewer passes than B (S-route rows, closed forms)
+            policy = path == "auto" and not batched_seeds_default(args[0].device)
+            if policy and route is None:
+                # decided on one plain forward whose losses the loop then uses (one forward in all;
+                # native BatchNorm nodes make the seed passes cheaper than the coupled graph's)
+                losses, why = policy_precheck(model, loss_fn, args, targets, names, params, B)
+                if why is not None:
+                    check_losses(losses, B)
+                    report["reason"] = f"policy: {why}"
+                    sq = seed_batched_sq_norms(losses, names, params, acc, chunk)
+                    report["path"] = "seed_batched"
+                    path = "done"
+                else:
+                    del losses
+                    _set_rng(rng)       # the coupled forward draws the very same dropout masks
+        if path in ("auto", "coupled"):
             try:
-                # on CPU the passes run one by one and cost what the loop's do: the coupled path only
-                # pays off when its plan needs fewer passes than B (S-route rows, closed forms)
-                policy = path == "auto" and not batched_seeds_default(args[0].device)
                 sq, info = coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk, route,
                                             only_if_fewer_passes=policy)
                 if sq is None:

@@ -329,6 +329,94 @@ def _batched_vjp(outputs, params, seeds, batched=True):
     return [None if per[0][q] is None else torch.stack([g[q] for g in per]) for q in range(len(params))]
 
 
+def plan_routes(sizes, requires, closed_free, B, P, elem, route=None):
+    """(plan, backward passes) of phase 3. Per BatchNorm call k (C_k = sizes[k] channels): "none" (its
+    statistics depend on no parameter), "closed" (k in closed_free: J_k is the closed-form block of
+    the layer beneath alone), else "S" (2 C_k < B while all S-route J_k together fit S_ROUTE_BYTES)
+    or "B"; `route` forces "B" / "S" where a route is needed. Passes: B if any call takes the B route,
+    plus 2 C_k per S-route call. Shared by coupled_sq_norms and the policy pre-check (the same plan)."""
+    plan = []
+    j_bytes = 0                     # all S-route J_k together stay within S_ROUTE_BYTES
+    for k, C in enumerate(sizes):
+        need = 2 * C * P * elem
+        s_ok = j_bytes + need <= S_ROUTE_BYTES
+        r = route or ("S" if (2 * C < B and s_ok) else "B")
+        if not requires[k]:
+            r = "none"      # statistics of an input no parameter feeds: J_k = 0
+        elif k in closed_free:
+            r = "closed"    # J_k is the closed-form block of the layer beneath alone
+        if r == "S":
+            j_bytes += need
+        plan.append(r)
+    n_passes = (B if any(r == "B" for r in plan) else 0) + sum(2 * sizes[k] for k, r in enumerate(plan) if r == "S")
+    return plan, n_passes
+
+
+def policy_precheck(model, loss_fn, args, targets, names, params, B):
+    """The CPU policy decided on one plain forward (native BatchNorm), before any coupled work.
+
+    Returns (losses, reason): the per-sample losses of that forward (its graph, its dropout masks) and,
+    when the coupled plan would need >= B backward passes, the reason (the caller runs the seed loop on
+    these losses: one forward in all); reason None when the coupled path may pay off or when the plan
+    cannot be read off a plain forward (then the caller rewinds the RNG and runs the coupled path,
+    which decides, refuses or warns exactly as without this pre-check). The plan is plan_routes on
+    what _closed_form_producers reads in the coupled forward: per BatchNorm call its channel count,
+    whether its statistics require grad, whether the layer beneath is a closed-form block on an input
+    no parameter feeds. Caller sets train mode, enable_grad and restores the model's state."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if targets is not None and not isinstance(targets, torch.Tensor):
+        return None, None
+    for m in bns:
+        if type(m).forward is not nn.modules.batchnorm._BatchNorm.forward or not m.training:
+            return None, None
+    outputs, bn_calls = [], []
+    handles = []
+    try:
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+                handles.append(m.register_forward_hook(
+                    lambda mod, a, o: outputs.append((mod, o, a[0] if a else None))))
+        for m in bns:
+            handles.append(m.register_forward_pre_hook(lambda mod, a: bn_calls.append((mod, a[0]))))
+        losses = loss_fn(model(*args), targets)
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (B,) or losses.grad_fn is None \
+            or not bn_calls:
+        return losses, None
+    counts = _consumer_counts(losses.grad_fn)
+    index = {id(p): q for q, p in enumerate(params)}
+    owners: dict = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    calls: dict = {}
+    for module, _, _ in outputs:
+        calls[id(module)] = calls.get(id(module), 0) + 1
+    sizes, requires, free = [], [], set()
+    for k, (bn, x) in enumerate(bn_calls):
+        sizes.append(x.shape[1])
+        requires.append(bool(x.requires_grad or any(t is not None and t.requires_grad for t in (bn.weight, bn.bias))))
+        hit = [(m, o, u) for m, o, u in outputs if o is x]
+        if len(hit) != 1:
+            continue
+        module, z, u = hit[0]
+        if getattr(module, "transposed", False) or calls[id(module)] != 1 or z.grad_fn is None \
+                or counts.get(z.grad_fn, 0) != 1:
+            continue
+        own = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
+        if any(owners.get(id(p), 0) != 1 for p in own) or not any(id(p) in index for p in own):
+            continue
+        if u is None or not u.requires_grad:
+            free.add(k)
+    plan, n_passes = plan_routes(sizes, requires, free, B, sum(p.numel() for p in params), params[0].element_size())
+    policy_precheck.last_plan = (plan, n_passes)      # for tests: the plan the decision was made on
+    if n_passes >= B:
+        return losses, f"the coupled plan needs {n_passes} backward passes, the seed loop {B}"
+    return losses, None
+
+
 def coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk, route=None, batched=None,
                      only_if_fewer_passes=False):
     """{name: [B] squared exact per-sample gradient norms}, plus a dict describing what ran.
@@ -376,23 +464,9 @@ def coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk
         lscale = losses.detach().abs().mean() + torch.finfo(losses.dtype).tiny
 
         # phase 3 plan: per BatchNorm call, B route (seeds v_i) or S route (J_k's 2 C_k rows)
-        P = sum(p.numel() for p in params)
-        plan = []
-        j_bytes = 0                     # all S-route J_k together stay within S_ROUTE_BYTES
-        for k, (mu, var) in enumerate(stats):
-            C = mu.numel()
-            need = 2 * C * P * params[0].element_size()
-            s_ok = j_bytes + need <= S_ROUTE_BYTES
-            r = route or ("S" if (2 * C < B and s_ok) else "B")
-            if not mu.requires_grad:
-                r = "none"      # statistics of an input no parameter feeds: J_k = 0
-            elif k in closed and closed[k]["input_free"]:
-                r = "closed"    # J_k is the closed-form block of the layer beneath alone
-            if r == "S":
-                j_bytes += need
-            plan.append(r)
-        n_passes = (B if any(r == "B" for r in plan) else 0) + sum(
-            2 * stats[k][0].numel() for k, r in enumerate(plan) if r == "S")
+        plan, n_passes = plan_routes([mu.numel() for mu, _ in stats], [mu.requires_grad for mu, _ in stats],
+                                     {k for k, c in closed.items() if c["input_free"]}, B,
+                                     sum(p.numel() for p in params), params[0].element_size(), route)
         if only_if_fewer_passes and n_passes >= B:
             raise NotCheaper(f"the coupled plan needs {n_passes} backward passes, the seed loop {B}", losses)
         # closed forms used: J_k alone ("closed") or W_k's block of a top BatchNorm (no pass needs W_k)

@@ -37,6 +37,8 @@ def seed_batched_sq_norms(losses: torch.Tensor, names, params, acc: torch.dtype,
     if batched is None:
         batched = losses.device.type != "cpu"
     batched_ok = batched and chunk > 1
+    table = torch.zeros(B, len(names), dtype=acc, device=losses.device)   # rows of the one-by-one passes
+    zero = table.new_zeros(())
     for start in range(0, B, chunk):
         rows = list(range(start, min(B, start + chunk)))
         grads = None
@@ -52,7 +54,8 @@ def seed_batched_sq_norms(losses: torch.Tensor, names, params, acc: torch.dtype,
             continue
         for i in rows:
             gs = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
-            for n, g in zip(names, gs):
-                if g is not None:
-                    sq[n][i] = g.to(acc).square().sum()
+            # one row write per seed (the same per-parameter sums; unused parameters stay 0)
+            table[i] = torch.stack([zero if g is None else g.to(acc).square().sum() for g in gs])
+    for q, n in enumerate(names):
+        sq[n] += table[:, q]
     return sq

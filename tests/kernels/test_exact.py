@@ -282,8 +282,28 @@ def test_auto_policy_on_cpu_takes_the_loop_when_the_plan_is_not_cheaper():
         out, rep = exact_report(m, ce, x, y)
     h.remove()
     assert rep["path"] == "seed_batched" and rep["reason"].startswith("policy:")
-    assert len(calls) == 2            # the coupled attempt's forward, then a plain one for the loop
+    assert len(calls) == 1            # one plain forward decides the policy; the loop runs on its losses
     assert rel(out, reference(m, ce, x, y, mode="exact")) <= 1e-10
+
+
+@pytest.mark.parametrize("arch", ARCHS + ["dropout", "tiny"])
+@pytest.mark.parametrize("B", [2, 3, 9, 17, 64])
+def test_policy_precheck_reads_the_coupled_plan(arch, B):
+    """The CPU policy decides on a plain forward; its plan must be the coupled forward's, route by route."""
+    from bnmem_kernels.norms.exact_coupled import coupled_sq_norms, policy_precheck
+    from bnmem_kernels.norms._state import preserved_model_state, set_mode
+
+    m, shape, k = make(arch)
+    x, y = data(shape, B, k)
+    names, params = zip(*trainable_parameters(m))
+    with preserved_model_state(m), torch.enable_grad():
+        set_mode(m, "exact")
+        policy_precheck.last_plan = None
+        _, why = policy_precheck(m, ce, (x,), y, names, params, B)
+        plan, n = policy_precheck.last_plan
+        _, info = coupled_sq_norms(m, ce, (x,), y, names, params, torch.float64, B, 16)
+    assert (plan, n) == (info["routes"], info["passes"])
+    assert (why is not None) == (n >= B)
 
 
 @pytest.mark.parametrize("path", PATHS)
