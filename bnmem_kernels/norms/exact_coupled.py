@@ -470,18 +470,21 @@ def coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk
         if only_if_fewer_passes and n_passes >= B:
             raise NotCheaper(f"the coupled plan needs {n_passes} backward passes, the seed loop {B}", losses)
         # closed forms used: J_k alone ("closed") or W_k's block of a top BatchNorm (no pass needs W_k)
-        closed = {k: c for k, c in closed.items() if plan[k] == "closed" or (c["top"] and plan[k] != "none")}
+        # closed forms used: J_k alone ("closed"), W_k's block of a top BatchNorm (no pass needs W_k), and
+        # W_k's block of an S-route call (its 2 C_k row passes leave W_k out: no weight-gradient GEMM)
+        closed = {k: c for k, c in closed.items()
+                  if plan[k] in ("closed", "S") or (c["top"] and plan[k] != "none")}
         # parameters whose J blocks are all closed form: no pass needs them (autograd skips their GEMMs)
         for k, c in closed.items():
             _closed_form_rows(c, stats[k][0], params)
         skip = {q for c in closed.values() if c["top"] for q in c["q"]}
         pass_q = [q for q in range(len(params)) if q not in skip]
-        pass_params = [params[q] for q in pass_q]
 
-        def vjp(outs, seeds):
-            g = _batched_vjp(outs, pass_params, seeds, batched) if pass_params else []
+        def vjp(outs, seeds, qs=pass_q):
+            ps = [params[q] for q in qs]
+            g = _batched_vjp(outs, ps, seeds, batched) if ps else []
             full = [None] * len(params)
-            for q, gq in zip(pass_q, g):
+            for q, gq in zip(qs, g):
                 full[q] = gq
             return full
         J = {}
@@ -490,11 +493,13 @@ def coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk
                 continue
             mu, var = stats[k]
             C = mu.numel()
+            own = set(closed[k]["q"]) if k in closed else set()   # added in closed form below
+            qs = [q for q in pass_q if q not in own]
             eye = torch.eye(2 * C, dtype=mu.dtype, device=mu.device)
             rows = [None] * len(params)
             for ch in _chunks(2 * C, chunk):
                 e = eye[ch]
-                g = vjp([mu, var], [e[:, :C], e[:, C:]])
+                g = vjp([mu, var], [e[:, :C], e[:, C:]], qs)
                 rows = [None if gq is None else (gq if rq is None else torch.cat([rq, gq])) for rq, gq in zip(rows, g)]
             J[k] = rows                     # per param [2C, *p.shape]
         b_calls = [k for k, r in enumerate(plan) if r == "B"]

@@ -267,8 +267,9 @@ def test_auto_takes_the_coupled_path_without_warning():
         warnings.simplefilter("error", ExactFallbackWarning)
         out, rep = exact_report(m, ce, x, y)
     assert rep["path"] == "coupled" and rep["passes"] == 24
-    # stem conv on the data: J of its BN in closed form; block's bn2 and downsample BN are top BNs
-    assert rep["routes"] == ["closed", "S", "S", "S"] and rep["closed_form"] == [0, 2, 3]
+    # stem conv on the data: J of its BN in closed form; block's bn2 and downsample BN are top BNs;
+    # block's bn1 (S route): its conv1 block of J in closed form, left out of its row passes
+    assert rep["routes"] == ["closed", "S", "S", "S"] and rep["closed_form"] == [0, 1, 2, 3]
     assert rel(out, reference(m, ce, x, y, mode="exact")) <= 1e-10
 
 
@@ -284,6 +285,24 @@ def test_auto_policy_on_cpu_takes_the_loop_when_the_plan_is_not_cheaper():
     assert rep["path"] == "seed_batched" and rep["reason"].startswith("policy:")
     assert len(calls) == 1            # one plain forward decides the policy; the loop runs on its losses
     assert rel(out, reference(m, ce, x, y, mode="exact")) <= 1e-10
+
+
+@pytest.mark.parametrize("arch", ["mlp_bn1d", "resnet_basic", "resnet_bottleneck", "dropout"])
+@pytest.mark.parametrize("chunk", [1, 4, 32])
+def test_s_route_with_closed_form_layer_beneath(arch, chunk):
+    """An S-route BatchNorm that is not the top one, with a Linear/Conv right beneath it: that layer's block
+    of J in closed form, left out of the row passes (which still cross it to the layers below)."""
+    m, shape, k = make(arch)
+    B = 32
+    x, y = data(shape, B, k)
+    torch.manual_seed(5)
+    exp, exp_pl = reference(m, ce, x, y, mode="exact", per_layer=True)
+    torch.manual_seed(5)
+    (out, pl), rep = exact_report(m, ce, x, y, per_layer=True, path="coupled", max_chunk=chunk)
+    s_closed = [kk for kk in rep["closed_form"] if rep["routes"][kk] == "S"]
+    assert s_closed, rep
+    assert rel(out, exp) <= 1e-10
+    check_per_layer(pl, exp_pl, exp.max().item(), 1e-10)
 
 
 @pytest.mark.parametrize("arch", ARCHS + ["dropout", "tiny"])
