@@ -41,7 +41,11 @@ def build_parser():
     r.add_argument("--dataset", help="mnist (default, embedded) | digits | cifar10 (needs --data-dir)")
     r.add_argument("--data-dir", dest="data_dir", help="CIFAR-10 python batches folder")
     r.add_argument("--variants", type=_csv, help="comma list of bn,gn,ln,none,bn-frozen")
-    r.add_argument("--arch", help="cnn | mlp")
+    r.add_argument("--arch", help="cnn | mlp | resnet8 | resnet18")
+    r.add_argument("--device", help="cpu (default) | cuda | auto; cuda trains with mixed precision")
+    r.add_argument("--augment", action="store_const", const=True, help="training augmentation: crop (pad 4) + flip")
+    r.add_argument("--query-flips", dest="query_flips", action="store_const", const=True,
+                   help="LiRA query augmentations flip x shifts (default: shifts only)")
     r.add_argument("--models", type=int, help="shadow models per variant (even, >= 4)")
     r.add_argument("--epochs", type=int)
     r.add_argument("--n-in", dest="n_in", type=int, help="in-distribution candidates")
@@ -70,7 +74,8 @@ def build_parser():
 
 
 OVERRIDE_KEYS = ("dataset", "data_dir", "variants", "arch", "models", "epochs", "n_in", "n_test", "canaries",
-                 "image_size", "width", "batch_size", "lr", "attacks", "bootstrap", "seed", "workers", "progress")
+                 "image_size", "width", "batch_size", "lr", "attacks", "bootstrap", "seed", "workers", "progress",
+                 "device", "augment", "query_flips")
 
 
 def _main(argv) -> int:

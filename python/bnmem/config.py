@@ -52,6 +52,9 @@ class Config:
     exact_models: int = 2                # models per variant that also log exact/column/detached/eval
     exact_points: int = 5                # ... at this many steps of training (log-spaced)
     probe_batch: int = 64                # ... on a fixed batch of this many of its training examples
+    augment: bool = False                # training augmentation: random crop (pad 4) + flip (cifar.train_augment)
+    query_flips: bool = False            # query augmentations: flip x shifts (cifar.query_augmentations), as LiRA
+    device: str = "cpu"                  # cpu | cuda | auto; cuda: autocast bf16 (fp16 + GradScaler without bf16)
     shifts: int = 1                      # query augmentations: identity and +-shifts px (A = 1 + 4 if >0)
     attacks: list = field(default_factory=lambda: ["auto"])
     bootstrap: int = 100
@@ -76,6 +79,12 @@ class Config:
                              f"{', '.join(VARIANTS)}")
         if len(set(self.variants)) != len(self.variants):
             raise BnmemError("--variants lists a variant twice")
+        if not (self.device in ("cpu", "cuda", "auto") or str(self.device).startswith("cuda:")):
+            raise BnmemError(f"unknown --device {self.device!r}; choose cpu, cuda or auto")
+        if str(self.device).startswith("cuda"):
+            import torch
+            if not torch.cuda.is_available():
+                raise BnmemError(f"--device {self.device} but no CUDA GPU is visible; use --device cpu (or auto)")
         if self.arch not in ARCHS:
             raise BnmemError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         unknown = set(self.canaries) - set(CANARY_KINDS)

@@ -17,6 +17,7 @@ from .config import Config, from_dict
 from .models import build_model, has_batchnorm
 from .runfolder import load_state_dict, read_npz, write_npz
 from .train import model_paths
+from .cifar import apply_query_augmentation, query_augmentations  # noqa: E402 (cifar imports query lazily)
 
 
 def shift_list(shifts: int) -> list:
@@ -43,8 +44,8 @@ def query_model(model, x: torch.Tensor, shifts, *, train_mode: bool, batch_size:
     N = x.shape[0]
     order = torch.from_numpy(np.random.default_rng(seed).permutation(N)) if train_mode else torch.arange(N)
     outs = []
-    for dy, dx in shifts:
-        xa = shift_images(x, dy, dx)[order]
+    for aug in shifts:  # (dy, dx) or (flip, dy, dx) (cifar.query_augmentations)
+        xa = (shift_images(x, *aug) if len(aug) == 2 else apply_query_augmentation(x, aug))[order]
         bs = batch_size if train_mode else 1024
         chunks = [net(xa[i:i + bs]) for i in range(0, N, bs)]
         if train_mode and N % bs == 1 and len(chunks) > 1:  # a batch of one has no batch statistics
@@ -64,7 +65,7 @@ def query_one(root: str, cfg_dict: dict, variant: str, m: int) -> tuple:
     d = read_npz(os.path.join(root, "data.npz"))
     x = torch.from_numpy(d["x"])
     n_classes = int(max(d["y"].max(), d["y_test"].max()) + 1)
-    shifts = shift_list(cfg.shifts)
+    shifts = query_augmentations(cfg.shifts) if cfg.query_flips else shift_list(cfg.shifts)
     model = build_model(cfg.arch, variant, x.shape[1:], n_classes, cfg.width)
     model.load_state_dict(load_state_dict(model_paths(root, variant, m)[0]))
     ev = query_model(model, x, shifts, train_mode=False, batch_size=cfg.batch_size, seed=0).numpy()
@@ -89,7 +90,7 @@ def run_stage(root: str, cfg: Config, progress=True, log=print, pool=None) -> No
         got[v][m] = (ev, tr)
         if len(got[v]) == cfg.models:
             arrays = dict(eval=np.stack([got[v][k][0] for k in range(cfg.models)]),
-                          shifts=np.array(shift_list(cfg.shifts), np.int64))
+                          shifts=np.array(query_augmentations(cfg.shifts) if cfg.query_flips else shift_list(cfg.shifts), np.int64))
             if got[v][0][1] is not None:
                 arrays["train"] = np.stack([got[v][k][1] for k in range(cfg.models)])
             write_npz(os.path.join(root, "logits", f"{v}.npz"), **arrays)

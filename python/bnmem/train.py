@@ -72,7 +72,11 @@ def train_one(root: str, cfg_dict: dict, variant: str, m: int) -> dict:
     n_classes = int(max(y_all.max().item(), d["y_test"].max()) + 1)
     torch_seed, order_seed = seeds_for(cfg, m)
     torch.manual_seed(torch_seed)
-    model = build_model(cfg.arch, variant, x_all.shape[1:], n_classes, cfg.width)
+    from .cifar import autocast, grad_scaler, resolve_device, train_augment
+    dev = resolve_device(cfg.device)
+    model = build_model(cfg.arch, variant, x_all.shape[1:], n_classes, cfg.width).to(dev)
+    aug_gen = torch.Generator().manual_seed(order_seed) if cfg.augment else None
+    scaler = grad_scaler(dev)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(order_seed)
     steps_per_epoch = int(np.ceil(len(train_idx) / cfg.batch_size))
@@ -104,32 +108,37 @@ def train_one(root: str, cfg_dict: dict, variant: str, m: int) -> dict:
             if bn and len(idx) == 1:  # BN cannot train on a batch of one; fold it into the previous step
                 continue
             xb, yb = x_all[idx], y_all[idx]
+            if aug_gen is not None:
+                xb = train_augment(xb, aug_gen)
+            xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             probing = cfg.probe_every > 0 and step % cfg.probe_every == 0
             with stepper.step(xb, yb) if probing else contextlib.nullcontext():
-                out = model(xb)
-                losses = F.cross_entropy(out, yb, reduction="none")
-                losses.mean().backward()
+                with autocast(dev):
+                    out = model(xb)
+                losses = F.cross_entropy(out.float(), yb, reduction="none")
+                scaler.scale(losses.mean()).backward()
             if probing:
-                epoch_norms[epoch, idx] = stepper.norms.float().numpy()
-            opt.step()
+                epoch_norms[epoch, idx] = (stepper.norms.float() / scaler.get_scale()).cpu().numpy()  # fp16: unscale
+            scaler.step(opt)
+            scaler.update()
             lr_sched.step()
             step += 1
             tot_loss += losses.sum().item()
             tot_correct += (out.argmax(1) == yb).sum().item()
             if step in sched_steps:
                 k = sched_steps.index(step)
-                xp, yp = x_all[probe_idx], y_all[probe_idx]
+                xp, yp = x_all[probe_idx].to(dev), y_all[probe_idx].to(dev)
                 for j, mode in enumerate(gradnorms.MODES):  # all four also without BN (equal there: a check)
                     nrm, src = gradnorms.per_sample_grad_norms(model, xp, yp, mode)
-                    sched_norms[k, j] = nrm.float().numpy()
+                    sched_norms[k, j] = nrm.float().cpu().numpy()
                     sched_sources.append(f"{mode}:{src}")
         loss_hist[epoch] = tot_loss / len(train_idx)
         acc_hist[epoch] = tot_correct / len(train_idx)
 
     model.eval()
     with torch.no_grad():
-        test_acc = (model(torch.from_numpy(d["x_test"])).argmax(1).numpy() == d["y_test"]).mean()
+        test_acc = (model(torch.from_numpy(d["x_test"]).to(dev)).argmax(1).cpu().numpy() == d["y_test"]).mean()
     pt, npz = model_paths(root, variant, m)
     write_npz(npz, epoch_norms=epoch_norms, train_loss=loss_hist, train_acc=acc_hist,
               test_acc=np.float32(test_acc), sched_steps=np.array(sched_steps, np.int64),
@@ -137,7 +146,7 @@ def train_one(root: str, cfg_dict: dict, variant: str, m: int) -> dict:
               sched_sources=np.array(sorted(set(sched_sources)), dtype="U64"),
               step_probe_source=np.array(stepper.source), steps=np.int64(step),
               seconds=np.float64(time.perf_counter() - t0))
-    save_state_dict(pt, model.state_dict())
+    save_state_dict(pt, {k: v.cpu() for k, v in model.state_dict().items()})
     return dict(variant=variant, m=m, test_acc=float(test_acc), train_acc=float(acc_hist[-1]),
                 seconds=time.perf_counter() - t0)
 

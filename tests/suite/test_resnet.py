@@ -150,8 +150,10 @@ def test_frozen_resnet_bn_uses_running_stats():
     torch.testing.assert_close(a, b)  # no batch statistics: a sample's output ignores the others
 
 
-def test_resnet_trains_in_the_suite_on_cifar(tmp_path):
-    """`--arch resnet8 --dataset cifar10`: config accepted, data built from pickle batches, one shadow model trained."""
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augment"])
+def test_resnet_trains_in_the_suite_on_cifar(tmp_path, augment):
+    """`--arch resnet8 --dataset cifar10 [--augment]`: config accepted, data built from pickle batches, one
+    shadow model trained (with crop + flip training augmentation when asked)."""
     from bnmem import train
     from bnmem.runfolder import RunFolder, load_state_dict, read_npz, write_npz
     cifar.write_synthetic_cifar(tmp_path / "c", n_per_batch=30, seed=3)
@@ -159,7 +161,7 @@ def test_resnet_trains_in_the_suite_on_cifar(tmp_path):
                                       image_size=8, n_in=40, n_test=20,
                                       canaries={k: 2 for k in ("mislabeled", "other_domain", "noise", "near_ood")},
                                       models=4, epochs=1, variants=["bn"], exact_models=1, exact_points=1,
-                                      probe_batch=4, batch_size=16, workers=1, progress=False))
+                                      probe_batch=4, batch_size=16, workers=1, progress=False, augment=augment))
     rf = RunFolder(tmp_path / "run")
     rf.open_for(cfg)
     arrays, _ = data.build(cfg)
