@@ -16,7 +16,9 @@ Paths (`exact_report` says which ran and why):
   per-sample losses (is_grads_batched), or one seed at a time where an op has no batching rule.
   Taken when "coupled" refuses (a warning, once per reason, says so), and on CPU when the coupled
   plan needs no fewer backward passes than B (policy, no warning: the passes cost the same there;
-  e.g. a 3-conv BN-CNN at B = 64, where the coupled plan needs 64 passes, but not at B = 256).
+  e.g. a 3-conv BN-CNN at B = 64, where the coupled plan needs 64 passes, but not at B = 256). That
+  decision is read off one plain forward (exact_coupled.policy_precheck: the same plan_routes on the
+  same graph facts), whose losses the loop then uses: one forward in all, as the loop's own.
 Both give the loop's numbers (the paths differ only by rounding); neither changes numbers silently.
 
 Dropout: one forward means one mask. Both paths use the masks of their single batch forward,
