@@ -15,32 +15,12 @@
 namespace bnmem {
 namespace {
 
-// Shape/dtype checks (the same in bn_seeded_backward_cuda.cu): xhat [B, C, T], scale [C],
-// dy [S, C, T], seeds [S] integer; floating tensors of one dtype on one device.
-inline void check_bn_seeded_inputs(const at::Tensor& xhat, const at::Tensor& scale, const at::Tensor& dy,
-                                   const at::Tensor& seeds) {
-  TORCH_CHECK(xhat.dim() == 3 && scale.dim() == 1 && dy.dim() == 3 && seeds.dim() == 1,
-              "bnmem::bn_seeded_backward: xhat [B, C, T], scale [C], dy [S, C, T], seeds [S] needed, got ",
-              xhat.sizes(), ", ", scale.sizes(), ", ", dy.sizes(), ", ", seeds.sizes());
-  TORCH_CHECK(scale.size(0) == xhat.size(1) && dy.size(1) == xhat.size(1) && dy.size(2) == xhat.size(2) &&
-                  seeds.size(0) == dy.size(0),
-              "bnmem::bn_seeded_backward: inconsistent shapes xhat ", xhat.sizes(), ", scale ", scale.sizes(),
-              ", dy ", dy.sizes(), ", seeds ", seeds.sizes());
-  TORCH_CHECK(at::isFloatingType(xhat.scalar_type()) && scale.scalar_type() == xhat.scalar_type() &&
-                  dy.scalar_type() == xhat.scalar_type(),
-              "bnmem::bn_seeded_backward: xhat, scale, dy must share one floating dtype, got ", xhat.scalar_type(),
-              ", ", scale.scalar_type(), ", ", dy.scalar_type());
-  TORCH_CHECK(seeds.scalar_type() == at::kLong || seeds.scalar_type() == at::kInt,
-              "bnmem::bn_seeded_backward: seeds must be int64/int32, got ", seeds.scalar_type());
-  TORCH_CHECK(scale.device() == xhat.device() && dy.device() == xhat.device() && seeds.device() == xhat.device(),
-              "bnmem::bn_seeded_backward: all inputs must be on one device");
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_seeded_backward_cpu(const at::Tensor& xhat_in,
                                                                        const at::Tensor& scale_in,
                                                                        const at::Tensor& dy_in,
                                                                        const at::Tensor& seeds_in) {
-  check_bn_seeded_inputs(xhat_in, scale_in, dy_in, seeds_in);
+  check_bn_seeded_inputs(xhat_in, scale_in, dy_in, seeds_in, /*int32_seeds=*/true);
   const at::Tensor xhat = xhat_in.contiguous();
   const at::Tensor scale = scale_in.contiguous();
   const at::Tensor dy = dy_in.contiguous();

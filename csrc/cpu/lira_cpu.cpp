@@ -154,20 +154,12 @@ void lira_scores_kernel(const scalar_t* conf, const bool* keep, const double* gs
 
 at::Tensor lira_scores_cpu(const at::Tensor& conf_in, const at::Tensor& keep_in,
                            const std::optional<at::Tensor>& global_std, bool online, bool median, bool logpdf) {
-  TORCH_CHECK(conf_in.dim() == 3, "bnmem::lira_scores: conf must be [M, N, A], got ", conf_in.sizes());
-  TORCH_CHECK(keep_in.dim() == 2 && keep_in.size(0) == conf_in.size(0) && keep_in.size(1) == conf_in.size(1),
-              "bnmem::lira_scores: keep must be [M, N] matching conf, got ", keep_in.sizes());
-  TORCH_CHECK(keep_in.scalar_type() == at::kBool, "bnmem::lira_scores: keep must be bool");
-  TORCH_CHECK(conf_in.scalar_type() == at::kFloat || conf_in.scalar_type() == at::kDouble,
-              "bnmem::lira_scores: conf must be fp32 or fp64, got ", conf_in.scalar_type());
+  check_lira_inputs(conf_in, keep_in, global_std);
   const at::Tensor conf = conf_in.contiguous();
   const at::Tensor keep = keep_in.contiguous();
   const int64_t M = conf.size(0), N = conf.size(1), A = conf.size(2);
   at::Tensor gstd;
   if (global_std.has_value()) {
-    TORCH_CHECK(global_std->dim() == 3 && global_std->size(0) == 2 && global_std->size(1) == M &&
-                    global_std->size(2) == A,
-                "bnmem::lira_scores: global_std must be [2, M, A], got ", global_std->sizes());
     gstd = global_std->to(at::kDouble).contiguous();
   }
   at::Tensor out = at::empty({M, N}, conf.options());

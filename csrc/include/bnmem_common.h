@@ -3,6 +3,7 @@
 // Light ATen headers only (no torch/extension.h): .cu files include this too, and nvcc on the
 // full torch/extension.h takes ~80 s a file versus ~18 s.
 #include <ATen/core/Tensor.h>
+#include <optional>
 #include <c10/util/Exception.h>
 
 namespace bnmem {
@@ -32,6 +33,44 @@ inline void check_ghost_linear_inputs(const at::Tensor& a, const at::Tensor& g) 
   TORCH_CHECK(at::isFloatingType(a.scalar_type()), "bnmem::ghost_norm_linear: floating inputs needed, got ",
               a.scalar_type());
   TORCH_CHECK(a.device() == g.device(), "bnmem::ghost_norm_linear: a and g on different devices");
+}
+
+// bn_seeded_backward: xhat [B, C, T], scale [C], dy [S, C, T], seeds [S] integer; floating tensors of
+// one dtype on one device. `int32_seeds`: whether int32 seeds are accepted (CPU) besides int64.
+inline void check_bn_seeded_inputs(const at::Tensor& xhat, const at::Tensor& scale, const at::Tensor& dy,
+                                   const at::Tensor& seeds, bool int32_seeds) {
+  TORCH_CHECK(xhat.dim() == 3 && scale.dim() == 1 && dy.dim() == 3 && seeds.dim() == 1,
+              "bnmem::bn_seeded_backward: xhat [B, C, T], scale [C], dy [S, C, T], seeds [S] needed, got ",
+              xhat.sizes(), ", ", scale.sizes(), ", ", dy.sizes(), ", ", seeds.sizes());
+  TORCH_CHECK(scale.size(0) == xhat.size(1) && dy.size(1) == xhat.size(1) && dy.size(2) == xhat.size(2) &&
+                  seeds.size(0) == dy.size(0),
+              "bnmem::bn_seeded_backward: inconsistent shapes xhat ", xhat.sizes(), ", scale ", scale.sizes(),
+              ", dy ", dy.sizes(), ", seeds ", seeds.sizes());
+  TORCH_CHECK(at::isFloatingType(xhat.scalar_type()) && scale.scalar_type() == xhat.scalar_type() &&
+                  dy.scalar_type() == xhat.scalar_type(),
+              "bnmem::bn_seeded_backward: xhat, scale, dy must share one floating dtype, got ", xhat.scalar_type(),
+              ", ", scale.scalar_type(), ", ", dy.scalar_type());
+  TORCH_CHECK(seeds.scalar_type() == at::kLong || (int32_seeds && seeds.scalar_type() == at::kInt),
+              "bnmem::bn_seeded_backward: seeds must be ", int32_seeds ? "int64/int32" : "int64 on CUDA", ", got ",
+              seeds.scalar_type());
+  TORCH_CHECK(scale.device() == xhat.device() && dy.device() == xhat.device() && seeds.device() == xhat.device(),
+              "bnmem::bn_seeded_backward: all inputs must be on one device");
+}
+
+// lira_scores: conf [M, N, A] fp32/fp64, keep [M, N] bool on conf's device; global_std, when given, [2, M, A].
+inline void check_lira_inputs(const at::Tensor& conf, const at::Tensor& keep,
+                              const std::optional<at::Tensor>& global_std) {
+  TORCH_CHECK(conf.dim() == 3, "bnmem::lira_scores: conf must be [M, N, A], got ", conf.sizes());
+  TORCH_CHECK(keep.dim() == 2 && keep.size(0) == conf.size(0) && keep.size(1) == conf.size(1),
+              "bnmem::lira_scores: keep must be [M, N] matching conf, got ", keep.sizes());
+  TORCH_CHECK(keep.scalar_type() == at::kBool, "bnmem::lira_scores: keep must be bool");
+  TORCH_CHECK(conf.scalar_type() == at::kFloat || conf.scalar_type() == at::kDouble,
+              "bnmem::lira_scores: conf must be fp32 or fp64, got ", conf.scalar_type());
+  TORCH_CHECK(keep.device() == conf.device(), "bnmem::lira_scores: conf and keep on different devices");
+  if (global_std.has_value())
+    TORCH_CHECK(global_std->dim() == 3 && global_std->size(0) == 2 && global_std->size(1) == conf.size(0) &&
+                    global_std->size(2) == conf.size(2),
+                "bnmem::lira_scores: global_std must be [2, M, A], got ", global_std->sizes());
 }
 
 }  // namespace bnmem
