@@ -74,11 +74,12 @@ def loop(model, x, y):
 
 
 def grads_batched(model, x, y):
+    b = x.shape[0]
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     losses = ce(model(x), y)
-    gs = torch.autograd.grad(losses, params, grad_outputs=torch.eye(B), is_grads_batched=True)
-    return torch.stack([g.reshape(B, -1).square().sum(1) for g in gs]).sum(0).sqrt()
+    gs = torch.autograd.grad(losses, params, grad_outputs=torch.eye(b), is_grads_batched=True)
+    return torch.stack([g.reshape(b, -1).square().sum(1) for g in gs]).sum(0).sqrt()
 
 
 def jacrev_norms(model, x, y):
