@@ -65,6 +65,12 @@ def _ratio(a, b):
     return a / b
 
 
+def _short(text: str, limit: int = 120) -> str:
+    """A failure message for a table cell: one line, at most `limit` characters (JSON keeps it whole)."""
+    text = " ".join(str(text).replace("|", "/").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def fmt_time(seconds) -> str:
     s = _num(seconds)
     if s is None:
@@ -347,7 +353,7 @@ def headline_table(result: dict) -> str:
                 continue
             n += 1
             if c["alternative_status"] != "ok":
-                alt_time = f"{c['alternative_status']}: {c['alternative_error'] or ''}".strip()
+                alt_time = _short(f"{c['alternative_status']}: {c['alternative_error'] or ''}".strip())
                 speed = mem = "—"
             else:
                 alt_time = fmt_time(c["alternative_time_s"])
@@ -368,7 +374,7 @@ def backends_table(result: dict) -> str:
              "|---|---|---|---|---|---|"]
     for group, g in result["groups"].items():
         for c in g.get("backends", []):
-            time = fmt_time(c["time_s"]) if c["status"] == "ok" else f"{c['status']}: {c['error'] or ''}"
+            time = fmt_time(c["time_s"]) if c["status"] == "ok" else _short(f"{c['status']}: {c['error'] or ''}")
             lines.append("| " + " | ".join(_cell(x) for x in (
                 group, c["backend"], time, fmt_time(c["reference_time_s"]), fmt_ratio(c["speedup_vs_reference"]),
                 fmt_ratio(c["mem_ratio_vs_reference"]))) + " |")
@@ -380,7 +386,7 @@ def rows_table(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for group, g in result["groups"].items():
         for r in g["rows"]:
-            status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['error'] or ''}"
+            status = r["status"] if r["status"] == "ok" else _short(f"{r['status']}: {r['error'] or ''}")
             lines.append("| " + " | ".join(_cell(x) for x in (
                 group, r["label"], r["role"], status, fmt_time(r["median_s"]), fmt_time(r["min_s"]),
                 fmt_time(r["stddev_s"]), r["rounds"] if r["rounds"] is not None else "—",

@@ -5,8 +5,8 @@ Alternatives (same conf/keep, same [M, N] scores):
     (bnmem_kernels.reference.lira.lira_scores_loop; O(M^2 N A) with Python-level loops over targets
     and examples). Too slow to run whole: it is timed on the first LOOP_SUBSET examples and scaled
     linearly in N (its cost is linear in N: one iteration per (target, example), the global-std
-    precomputation also linear); the row says so in extra_info (role "summary", timed_examples,
-    scale) and its time never enters report.py's comparisons directly;
+    precomputation also linear); the row says so in extra_info (timed_examples, time_scale: report.py
+    compares the scaled time);
   * a vectorized plain-PyTorch implementation (reference.lira_scores_torch, fp64, O(M N A): the
     same running-sum leave-one-out and one torch.sort per (n, a) for the median), role "alternative".
 The bnmem row (backend cpu on CPU; cuda and triton on a GPU) records in extra_info:
@@ -94,9 +94,9 @@ def test_summary_public_style_loop(benchmark, variant):
     conf, keep = _problem("cpu")
     benchmark.group = _group(variant)
     scale = N / LOOP_SUBSET
-    benchmark.extra_info.update(role="summary", name="public-LiRA-style numpy/scipy loop (subset)",
+    benchmark.extra_info.update(role="alternative", name="public-LiRA-style numpy/scipy loop",
                                 shape=[M, LOOP_SUBSET, A], device="cpu", timed_examples=LOOP_SUBSET,
-                                scale=scale, note=f"time of {LOOP_SUBSET} of {N} examples; scale linearly by {scale:g}")
+                                scale=scale, time_scale=scale, note=f"time of {LOOP_SUBSET} of {N} examples; scale linearly by {scale:g}")
     c = conf[:, :LOOP_SUBSET].double().numpy()
     k = keep[:, :LOOP_SUBSET].numpy()
 
