@@ -42,6 +42,20 @@ def load_library():
 
 
 @functools.lru_cache(maxsize=None)
+def compiled_op(name: str, fake):
+    """torch.ops.bnmem.<name>.default (C++ CPU / CUDA kernels), its `register_fake` done once.
+
+    Loads the extension on first use; raises BackendUnavailableError (with the reason) when it is
+    not built.
+    """
+    lib, why = load_library()
+    if lib is None:
+        raise BackendUnavailableError(why)
+    torch.library.register_fake(f"bnmem::{name}")(fake)
+    return getattr(torch.ops.bnmem, name).default
+
+
+@functools.lru_cache(maxsize=None)
 def _triton_status():
     try:
         import triton  # noqa: F401

@@ -24,7 +24,7 @@ from torch import nn
 from ..ops.ghost_norm_linear import ghost_norm_linear
 from ..ops.norm_affine_grad_sq import norm_affine_grad_sq
 from .._backend import select_backend
-from ..reference.ghost_norm import accumulation_dtype, use_gram
+from ..reference.ghost_norm import accumulation_dtype
 
 RULES: dict[type, "Rule"] = {}
 

@@ -1,8 +1,6 @@
 """bn_seeded_backward: BatchNorm's input gradient for single-sample losses (seeds), all samples at once."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .. import _backend
@@ -17,14 +15,9 @@ def _fake(xhat, scale, dy, seeds):
     return xhat.new_empty(S, B, C, T), xhat.new_empty(S, C), xhat.new_empty(S, C)
 
 
-@functools.lru_cache(maxsize=None)
 def compiled_op():
     """torch.ops.bnmem.bn_seeded_backward (C++ CPU / CUDA), with its fake registered. Loads _C."""
-    lib, why = _backend.load_library()
-    if lib is None:
-        raise _backend.BackendUnavailableError(why)
-    torch.library.register_fake("bnmem::bn_seeded_backward")(_fake)
-    return torch.ops.bnmem.bn_seeded_backward.default
+    return _backend.compiled_op("bn_seeded_backward", _fake)
 
 
 @torch.library.custom_op("bnmem::bn_seeded_backward_triton", mutates_args=())

@@ -1,8 +1,6 @@
 """ghost_norm_linear: per-sample squared Frobenius norms of a linear layer's weight gradient."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .. import _backend
@@ -17,14 +15,9 @@ def _fake(a, g, route=0):
     return a.new_empty(a.shape[0], dtype=ref.accumulation_dtype(a.dtype))
 
 
-@functools.lru_cache(maxsize=None)
 def compiled_op():
     """torch.ops.bnmem.ghost_norm_linear (C++ CPU / CUDA), with its fake registered. Loads _C."""
-    lib, why = _backend.load_library()
-    if lib is None:
-        raise _backend.BackendUnavailableError(why)
-    torch.library.register_fake("bnmem::ghost_norm_linear")(_fake)
-    return torch.ops.bnmem.ghost_norm_linear.default
+    return _backend.compiled_op("ghost_norm_linear", _fake)
 
 
 @torch.library.custom_op("bnmem::ghost_norm_linear_triton", mutates_args=())

@@ -1,7 +1,6 @@
 """lira_scores and rmia_scores: validation, dispatch and torch.library registration."""
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -26,28 +25,18 @@ def _fake(conf, keep, global_std, online, median, logpdf):
     return conf.new_empty(conf.shape[0], conf.shape[1], dtype=out_dtype(conf.dtype))
 
 
-@functools.lru_cache(maxsize=None)
 def compiled_op():
     """torch.ops.bnmem.lira_scores (C++ CPU / CUDA), with its fake registered. Loads _C."""
-    lib, why = _backend.load_library()
-    if lib is None:
-        raise _backend.BackendUnavailableError(why)
-    torch.library.register_fake("bnmem::lira_scores")(_fake)
-    return torch.ops.bnmem.lira_scores.default
+    return _backend.compiled_op("lira_scores", _fake)
 
 
 def _fake_global_std(conf, keep):
     return conf.new_empty(2, conf.shape[0], conf.shape[2], dtype=torch.float64)
 
 
-@functools.lru_cache(maxsize=None)
 def compiled_global_std():
     """torch.ops.bnmem.lira_global_std (C++ CPU): [2, M, A] fp64 pooled stds, as ref.global_std."""
-    lib, why = _backend.load_library()
-    if lib is None:
-        raise _backend.BackendUnavailableError(why)
-    torch.library.register_fake("bnmem::lira_global_std")(_fake_global_std)
-    return torch.ops.bnmem.lira_global_std.default
+    return _backend.compiled_op("lira_global_std", _fake_global_std)
 
 
 @torch.library.custom_op("bnmem::lira_scores_triton", mutates_args=())

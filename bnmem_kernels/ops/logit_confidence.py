@@ -1,8 +1,6 @@
 """logit_confidence: c = z_y - logsumexp_{k != y} z_k = log(p_y / (1 - p_y)), fused over K."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .. import _backend
@@ -20,14 +18,9 @@ def _fake(logits, labels):
     return logits.new_empty(logits.shape[0], dtype=out_dtype(logits.dtype))
 
 
-@functools.lru_cache(maxsize=None)
 def compiled_op():
     """torch.ops.bnmem.logit_confidence (C++ CPU / CUDA) on [R, K] logits and [R] int64 labels."""
-    lib, why = _backend.load_library()
-    if lib is None:
-        raise _backend.BackendUnavailableError(why)
-    torch.library.register_fake("bnmem::logit_confidence")(_fake)
-    return torch.ops.bnmem.logit_confidence.default
+    return _backend.compiled_op("logit_confidence", _fake)
 
 
 @torch.library.custom_op("bnmem::logit_confidence_triton", mutates_args=())

@@ -1,8 +1,6 @@
 """norm_affine_grad_sq: per-sample squared norms of a normalization layer's gamma and beta gradients."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .. import _backend
@@ -17,14 +15,9 @@ def _fake(x, dy, mean, rstd):
     return x.new_empty(x.shape[0], 2, dtype=accumulation_dtype(x.dtype))
 
 
-@functools.lru_cache(maxsize=None)
 def compiled_op():
     """torch.ops.bnmem.norm_affine_grad_sq (C++ CPU / CUDA), with its fake registered. Loads _C."""
-    lib, why = _backend.load_library()
-    if lib is None:
-        raise _backend.BackendUnavailableError(why)
-    torch.library.register_fake("bnmem::norm_affine_grad_sq")(_fake)
-    return torch.ops.bnmem.norm_affine_grad_sq.default
+    return _backend.compiled_op("norm_affine_grad_sq", _fake)
 
 
 @torch.library.custom_op("bnmem::norm_affine_grad_sq_triton", mutates_args=())

@@ -1,7 +1,6 @@
 """The stages data -> train -> probe -> score -> report, each reading and writing the run folder."""
 from __future__ import annotations
 
-import os
 import time
 
 from . import data as data_stage

@@ -361,8 +361,8 @@ def report_markdown(res, man) -> str:
     for pair, rows in comps.items():
         va, vb = pair.split(" - ")
         A(f"### {va} vs {vb}\n")
-        wanted = [(f"eval/overall/auc", f"membership AUC (all, {primary})", "more leakage"),
-                  (f"eval/overall/tpr@0.01", "membership TPR @ 1% FPR (all)", "more leakage")]
+        wanted = [("eval/overall/auc", f"membership AUC (all, {primary})", "more leakage"),
+                  ("eval/overall/tpr@0.01", "membership TPR @ 1% FPR (all)", "more leakage")]
         wanted += [(f"eval/{g}/auc", f"membership AUC on {g}", "more leakage") for g in ood]
         wanted += [(f"eval/{g}/tpr@0.01", f"membership TPR @ 1% FPR on {g}", "more leakage") for g in ["ood"] if g in ood]
         if any(k.startswith("train/overall/auc") for k in rows):

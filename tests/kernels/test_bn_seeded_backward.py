@@ -57,7 +57,6 @@ def test_fp64_matches_autograd(device, backend, case, affine):
     assert ((dz.cpu() - expected).abs().max() / scale_ref).item() <= testing.RTOL[torch.float64]
     M = z.numel() // z.shape[1]
     for s, i in enumerate(seeds):
-        dims = tuple(range(1, dy.dim() - 1))
         a_ref = dy[s].reshape(z.shape[1], -1).sum(1) / M
         b_ref = (dy[s] * xhat[i]).reshape(z.shape[1], -1).sum(1) / M
         torch.testing.assert_close(a[s].cpu(), a_ref, rtol=1e-12, atol=1e-14)

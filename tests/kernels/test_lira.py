@@ -1,6 +1,5 @@
 """lira_scores / logit_confidence / rmia_scores vs the numpy/scipy loop oracle, on every backend."""
 import functools
-import itertools
 import re
 import warnings
 
