@@ -252,6 +252,20 @@ def _reachable(roots) -> set:
     return seen
 
 
+def _ownership(model, params, called_modules):
+    """(index of each trainable parameter, how many modules own each parameter, how often each module
+    was called in the forward), keyed by id."""
+    index = {id(p): q for q, p in enumerate(params)}
+    owners: dict = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    calls: dict = {}
+    for module in called_modules:
+        calls[id(module)] = calls.get(id(module), 0) + 1
+    return index, owners, calls
+
+
 def _closed_form_producers(model, tape, losses, names, params) -> dict:
     """BatchNorm calls k whose input z_k is the output of a Linear/Conv module m_k used once, with
     unshared parameters, consumed by that BatchNorm only. Then (MATH.md, the layer beneath a BN)
@@ -263,14 +277,7 @@ def _closed_form_producers(model, tape, losses, names, params) -> dict:
     if losses.grad_fn is None:
         return {}
     counts = _consumer_counts(losses.grad_fn)
-    index = {id(p): q for q, p in enumerate(params)}
-    owners: dict = {}
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    calls: dict = {}
-    for module, _, _ in tape.outputs:
-        calls[id(module)] = calls.get(id(module), 0) + 1
+    index, owners, calls = _ownership(model, params, [module for module, _, _ in tape.outputs])
     stat_nodes = [mu.grad_fn for _, mu, _ in tape.stats]
     out = {}
     for k, x in enumerate(tape.bn_inputs[:len(tape.stats)]):
@@ -386,14 +393,7 @@ def policy_precheck(model, loss_fn, args, targets, names, params, B):
             or not bn_calls:
         return losses, None
     counts = _consumer_counts(losses.grad_fn)
-    index = {id(p): q for q, p in enumerate(params)}
-    owners: dict = {}
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    calls: dict = {}
-    for module, _, _ in outputs:
-        calls[id(module)] = calls.get(id(module), 0) + 1
+    index, owners, calls = _ownership(model, params, [module for module, _, _ in outputs])
     sizes, requires, free = [], [], set()
     for k, (bn, x) in enumerate(bn_calls):
         sizes.append(x.shape[1])
