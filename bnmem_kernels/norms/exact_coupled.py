@@ -266,6 +266,23 @@ def _ownership(model, params, called_modules):
     return index, owners, calls
 
 
+def _sole_producer(x, outputs, counts, owners, calls):
+    """(module, z, u, own params) when the BatchNorm input x is the output z of one Linear/Conv call
+    (not transposed, called once, parameters owned by it alone) consumed by that BatchNorm only; else
+    None. `outputs`: the (module, output, input) records of the forward."""
+    hit = [(m, o, u) for m, o, u in outputs if o is x]
+    if len(hit) != 1:
+        return None
+    module, z, u = hit[0]
+    if getattr(module, "transposed", False) or calls[id(module)] != 1 or z.grad_fn is None \
+            or counts.get(z.grad_fn, 0) != 1:
+        return None
+    own = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
+    if any(owners.get(id(p), 0) != 1 for p in own):
+        return None
+    return module, z, u, own
+
+
 def _closed_form_producers(model, tape, losses, names, params) -> dict:
     """BatchNorm calls k whose input z_k is the output of a Linear/Conv module m_k used once, with
     unshared parameters, consumed by that BatchNorm only. Then (MATH.md, the layer beneath a BN)
@@ -281,16 +298,10 @@ def _closed_form_producers(model, tape, losses, names, params) -> dict:
     stat_nodes = [mu.grad_fn for _, mu, _ in tape.stats]
     out = {}
     for k, x in enumerate(tape.bn_inputs[:len(tape.stats)]):
-        hit = [(m, o, u) for m, o, u in tape.outputs if o is x]
-        if len(hit) != 1:
+        found = _sole_producer(x, tape.outputs, counts, owners, calls)
+        if found is None:
             continue
-        module, z, u = hit[0]
-        if getattr(module, "transposed", False) or calls[id(module)] != 1 or z.grad_fn is None \
-                or counts.get(z.grad_fn, 0) != 1:
-            continue
-        own = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
-        if any(owners.get(id(p), 0) != 1 for p in own):
-            continue
+        module, z, u, own = found
         q = [index[id(p)] for p in own if id(p) in index]
         if not q:
             continue
@@ -398,16 +409,10 @@ def policy_precheck(model, loss_fn, args, targets, names, params, B):
     for k, (bn, x) in enumerate(bn_calls):
         sizes.append(x.shape[1])
         requires.append(bool(x.requires_grad or any(t is not None and t.requires_grad for t in (bn.weight, bn.bias))))
-        hit = [(m, o, u) for m, o, u in outputs if o is x]
-        if len(hit) != 1:
+        found = _sole_producer(x, outputs, counts, owners, calls)
+        if found is None or not any(id(p) in index for p in found[3]):
             continue
-        module, z, u = hit[0]
-        if getattr(module, "transposed", False) or calls[id(module)] != 1 or z.grad_fn is None \
-                or counts.get(z.grad_fn, 0) != 1:
-            continue
-        own = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
-        if any(owners.get(id(p), 0) != 1 for p in own) or not any(id(p) in index for p in own):
-            continue
+        module, z, u, own = found
         if u is None or not u.requires_grad:
             free.add(k)
     plan, n_passes = plan_routes(sizes, requires, free, B, sum(p.numel() for p in params), params[0].element_size())

@@ -280,22 +280,15 @@ def report_markdown(res, man) -> str:
                 A(f"| {v} | {q} | {_fmt(m['auc'])}{_ci(m.get('auc_ci'))} | {_fmt(m['tpr@0.01'])}{_ci(m.get('tpr@0.01_ci'))}"
                   f" | {_fmt(m['tpr@0.001'])}{_ci(m.get('tpr@0.001_ci'))} |")
     A("")
-    A("AUC by group (eval queries):\n")
-    A("| variant | " + " | ".join(groups) + " |")
-    A("|---|" + "---|" * len(groups))
-    for v in variants:
-        g = res["variants"][v]["modes"]["eval"]["attacks"][primary]["groups"]
-        A(f"| {v} | " + " | ".join((f"{_fmt(g[x]['auc'])}{_ci(g[x].get('auc_ci'), 2)}" if g.get(x) else "n/a")
-                                   for x in groups) + " |")
-    A("")
-    A("TPR @ 1% FPR by group (eval queries):\n")
-    A("| variant | " + " | ".join(groups) + " |")
-    A("|---|" + "---|" * len(groups))
-    for v in variants:
-        g = res["variants"][v]["modes"]["eval"]["attacks"][primary]["groups"]
-        A(f"| {v} | " + " | ".join((f"{_fmt(g[x]['tpr@0.01'])}{_ci(g[x].get('tpr@0.01_ci'), 2)}" if g.get(x) else "n/a")
-                                   for x in groups) + " |")
-    A("")
+    for key, title in (("auc", "AUC"), ("tpr@0.01", "TPR @ 1% FPR")):
+        A(f"{title} by group (eval queries):\n")
+        A("| variant | " + " | ".join(groups) + " |")
+        A("|---|" + "---|" * len(groups))
+        for v in variants:
+            g = res["variants"][v]["modes"]["eval"]["attacks"][primary]["groups"]
+            A(f"| {v} | " + " | ".join((f"{_fmt(g[x][key])}{_ci(g[x].get(key + '_ci'), 2)}" if g.get(x) else "n/a")
+                                       for x in groups) + " |")
+        A("")
     small = [(g, res["variants"][variants[0]]["modes"]["eval"]["attacks"][primary]["groups"][g]) for g in groups]
     coarse = [g for g, m in small if m and m["n_nonmembers"] < 1000]
     if coarse:
