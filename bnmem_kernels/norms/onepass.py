@@ -126,8 +126,9 @@ def _slice_state(state, s, e):
 def norms_from_captures(model, captures, B, *, per_layer, backend, max_chunk=None, scale=1.0):
     """Per-sample norms (total, and per parameter name if per_layer) from captured A and G.
 
-    scale multiplies every G (GradNormProbe: B for a mean-reduced loss). Samples are processed
-    in chunks of max_chunk (bounding the unfold/Gram workspace)."""
+    scale: the factor every G is to be multiplied by (GradNormProbe: B for a mean-reduced loss);
+    squared norms are quadratic in G, so they are multiplied by scale^2 instead (no copy of G).
+    Samples are processed in chunks of max_chunk (bounding the unfold/Gram workspace)."""
     named = trainable_parameters(model)
     out_dtype = result_dtype(model)
     acc = accumulation_dtype(out_dtype)
@@ -144,8 +145,6 @@ def norms_from_captures(model, captures, B, *, per_layer, backend, max_chunk=Non
         G = cap.grad
         if G is None:   # the module's output did not reach the loss: zero gradient
             continue
-        if scale != 1.0:
-            G = G * scale
         local = {n: p for n, p in cap.module.named_parameters(recurse=False) if p.requires_grad}
         for s, e in _chunks(B, max_chunk):
             st = cap.state if (s, e) == (0, B) else _slice_state(cap.state, s, e)
@@ -153,6 +152,9 @@ def norms_from_captures(model, captures, B, *, per_layer, backend, max_chunk=Non
             for ln, v in res.items():
                 if ln in local:
                     sq[pname[id(local[ln])]][s:e] += v.to(acc)
+    if scale != 1.0:
+        for v in sq.values():
+            v.mul_(scale * scale)
     total = torch.stack(list(sq.values())).sum(dim=0).sqrt().to(out_dtype)
     if not per_layer:
         return total
