@@ -6,6 +6,7 @@ bnmem_kernels.info` reports what is available.
 """
 from ._backend import BACKENDS, BackendUnavailableError, available_backends, select_backend
 from .ops.ghost_norm_linear import ghost_norm_linear
+from .ops.conv_weight_grad_sq import conv_weight_grad_sq
 from .ops.norm_affine_grad_sq import norm_affine_grad_sq
 from .norms.onepass import per_sample_grad_norms
 from .norms.probe import GradNormProbe
@@ -18,6 +19,7 @@ __all__ = [
     "BackendUnavailableError",
     "GradNormProbe",
     "available_backends",
+    "conv_weight_grad_sq",
     "ghost_norm_linear",
     "lira",
     "metrics",

@@ -14,6 +14,7 @@ OPS = {
     "ghost_norm_linear": _backend.BACKENDS,
     "bn_seeded_backward": _backend.BACKENDS,
     "norm_affine_grad_sq": _backend.BACKENDS,
+    "conv_weight_grad_sq": _backend.BACKENDS,
     "logit_confidence": _backend.BACKENDS,
     "lira_scores": _backend.BACKENDS,
     "rmia_scores": ("reference",),

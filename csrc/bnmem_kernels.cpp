@@ -29,6 +29,9 @@ TORCH_LIBRARY(bnmem, m) {
   // norm_affine_grad_sq: per-sample (||dgamma_i||^2, ||dbeta_i||^2) of a normalization layer, x, dy,
   // mean, rstd all [B, C, S] (stats expanded): dgamma_i[c] = sum_s dy (x - mean) rstd, dbeta_i[c] = sum_s dy.
   m.def("norm_affine_grad_sq(Tensor x, Tensor dy, Tensor mean, Tensor rstd) -> Tensor");
+  // conv_weight_grad_sq: per-sample ||dW_i||_F^2 of a Conv2d weight gradient by implicit im2col, x already
+  // padded [B, C_in, Hp, Wp], grad_out [B, C_out, OH, OW] -> [B] (fp64 for fp64, else fp32).
+  m.def("conv_weight_grad_sq(Tensor x, Tensor grad_out, int[2] kernel_size, int[2] stride, int[2] dilation, int groups) -> Tensor");
 }
 
 namespace {
