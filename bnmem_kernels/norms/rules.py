@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.conv_weight_grad_sq import conv_weight_grad_sq
 from ..ops.ghost_norm_linear import ghost_norm_linear
 from ..ops.norm_affine_grad_sq import norm_affine_grad_sq
 from .._backend import select_backend
-from ..reference.ghost_norm import accumulation_dtype
+from ..reference.ghost_norm import accumulation_dtype, use_gram
 
 RULES: dict[type, "Rule"] = {}
 
@@ -164,14 +165,18 @@ def conv_weight_sq_grouped(module, x, g):
 @register(nn.Conv1d, nn.Conv2d)
 class ConvRule(Rule):
     """Per group: A_i = unfolded input rows [L, C_in/g * k], G_i = output gradient rows [L, C_out/g];
-    ||dW_i||^2 = sum_groups ||G_i^T A_i||^2 through ghost_norm_linear (which picks the Gram route,
-    2 L^2 < d_in d_out, or materializes G_i^T A_i), samples x groups stacked into its batch.
-    On the cpu backend, when the materialized gradient is cheaper in flops than the Gram route
-    (L (d_in + d_out) >= d_in d_out) and there are more than 4 input channels per group, im2col is
-    skipped: conv_weight_sq_grouped (the backend's weight-gradient kernel with the batch folded into
-    the groups). Measured at B = 64, 1-2 threads: 16->32 ch 16x16: grouped 1.6 ms, shifted-window
-    GEMMs 2.0 ms, unfold + ghost_norm_linear ~3 ms; 3->16 ch 32x32: unfold (unfold2d) +
-    ghost_norm_linear 2.4 ms, shifted windows 3.3 ms, grouped 130 ms (mkldnn, 64 groups of 3 channels)."""
+    ||dW_i||^2 = sum_groups ||G_i^T A_i||^2. Three routes:
+      * Gram (2 L^2 < d_in d_out, ghost_norm_linear's criterion): <G_i G_i^T, A_i A_i^T> through
+        ghost_norm_linear on the unfolded input, samples x groups stacked into its batch;
+      * otherwise the weight gradient is materialized per sample, by
+          - conv_weight_grad_sq (implicit im2col: no unfolded input, no per-sample gradient in memory),
+          - or, on the cpu backend when materializing is the cheaper route in flops
+            (L (d_in + d_out) >= d_in d_out) and there are more than 4 input channels per group,
+            conv_weight_sq_grouped (the backend's weight-gradient kernel with the batch folded into
+            the groups, mkldnn), which runs at plain-wgrad speed there.
+    Measured at B = 64, 1 thread: 16->32 ch 16x16: grouped 1.6 ms; 3->16 ch 32x32:
+    conv_weight_grad_sq 0.74 ms (torch's whole-batch weight gradient 0.76 ms), unfold2d +
+    ghost_norm_linear 2.0-3.1 ms, grouped 130 ms (mkldnn, 64 groups of 3 channels)."""
 
     def sq_norms(self, module, state, grad_out, backend):
         x = state["x"]
@@ -186,13 +191,23 @@ class ConvRule(Rule):
             # CPU, materializing is the cheaper route in flops (T d_in d_out <= T^2 (d_in + d_out)), enough
             # input channels for the backend's grouped weight-gradient kernel to run well
             out = {"weight": conv_weight_sq_grouped(module, x, g)}
-        else:
+        elif use_gram(L, d_in, d_out):
             a = _conv_rows(module, x)
             g_rows = g.reshape(B * gr, g.shape[1] // gr, -1).transpose(1, 2)
-            out = {"weight": ghost_norm_linear(a, g_rows, backend=backend).view(B, gr).sum(dim=1)}
+            out = {"weight": ghost_norm_linear(a, g_rows, route="gram", backend=backend).view(B, gr).sum(dim=1)}
+        else:
+            out = {"weight": _conv_weight_grad_sq(module, x, grad_out, backend)}
         if module.bias is not None:
             out["bias"] = g.to(_acc(g)).sum(dim=2).square().sum(dim=1)
         return out
+
+
+def _conv_weight_grad_sq(module, x, grad_out, backend):
+    """||dW_i||^2 of a Conv1d/Conv2d by conv_weight_grad_sq on the input padded as the layer pads it
+    (1-D as H = 1)."""
+    xp, ks, dil, st = _conv_padded(module, x)
+    g4 = grad_out.unsqueeze(2) if grad_out.dim() == 3 else grad_out
+    return conv_weight_grad_sq(xp, g4, ks, st, dil, module.groups, backend=backend)
 
 
 @register(nn.ConvTranspose1d, nn.ConvTranspose2d)
