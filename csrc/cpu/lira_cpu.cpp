@@ -5,7 +5,9 @@
 // each group. Target t's own contribution is then subtracted in O(1) (mean/std) or read off the
 // sorted list's middle values (median), fused with the Gaussian log-likelihoods and the mean
 // over augmentations. Everything is computed in fp64 (fp32 inputs are widened), O(M N A) work
-// (plus O(M log M) per (n, a) for the median), O(M A) scratch per thread.
+// (plus O(M log M) per (n, a) for the median). Each thread works through its examples in blocks of
+// ~8192 (target, example, augmentation) terms (scratch: 3 such buffers per thread, 192 KB): the
+// offline one-sided log Phi runs vectorized over a whole block (log_ndtr_block).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -22,20 +24,48 @@ namespace {
 
 constexpr double kLogSqrt2Pi = 0.91893853320467274178;  // 0.5 log(2 pi)
 
-// log Phi(z) as scipy's log_ndtr: log(erfc(-z / sqrt 2) / 2) down to z = -20 (erfc keeps full
-// relative precision there), log1p(-Phi(-z)) above z = 3, and below z = -20 a 40-term continued
-// fraction of the Mills ratio (converged to ~1e-16 there).
+// log Phi(z), to ~1e-15 relative over the whole line, on a block of values at once (in place):
+// with h = Phi(-|z|) = erfc(|z| / sqrt 2) / 2 (full relative precision), log Phi = log h for z <= 0
+// and log1p(-h) for z > 0, the latter as Kahan's log1p(x) = x log(u) / (u - 1), u = 1 + x
+// (exact where u == 1). erfc and log run as ATen's vectorized CPU kernels (SLEEF, 1-1.5 ulp, runtime
+// CPU dispatch) on the whole block; below z = -20 (where Phi underflows soon) a 40-term continued
+// fraction of the Mills ratio (converged to ~1e-16 there) replaces log h, as in scipy's log_ndtr.
+// NaN stays NaN, +inf gives -0, -inf gives -inf. h and y: scratch of length L.
 inline double log_ndtr_tail(double z) {  // z < -3
   const double x = -z;
   double r = x;
   for (int k = 40; k >= 1; --k) r = x + k / r;
   return -0.5 * x * x - kLogSqrt2Pi - std::log(r);
 }
-inline double log_ndtr(double z) {
+// GCC turns selects (c ? a : b on doubles) into branch-free code (blends, vectorized loops) only
+// when comparisons may be assumed not to trap, and inlines sqrt only without errno: neither option
+// changes any result (they concern floating-point exception flags and errno only).
+#if defined(__GNUC__) && !defined(__clang__)
+#define BNMEM_SELECTS_VECTORIZE __attribute__((optimize("no-trapping-math", "no-math-errno")))
+#else
+#define BNMEM_SELECTS_VECTORIZE
+#endif
+BNMEM_SELECTS_VECTORIZE void log_ndtr_block(double* z, double* h, double* y, int64_t L) {
   constexpr double kInvSqrt2 = 0.70710678118654752440;
-  if (z > 3.0) return std::log1p(-0.5 * std::erfc(z * kInvSqrt2));
-  if (z < -20.0) return log_ndtr_tail(z);
-  return std::log(0.5 * std::erfc(-z * kInvSqrt2));
+  const auto opt = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor ht = at::from_blob(h, {L}, opt), yt = at::from_blob(y, {L}, opt);
+  for (int64_t i = 0; i < L; ++i) h[i] = std::fabs(z[i]) * kInvSqrt2;
+  at::erfc_out(ht, ht);
+  // branch-free (the sign of z is random): every operand computed, then selected
+  for (int64_t i = 0; i < L; ++i) {
+    const double hi = 0.5 * h[i], u = 1.0 - hi;
+    h[i] = hi;
+    y[i] = z[i] > 0 ? u : hi;
+  }
+  at::log_out(yt, yt);
+  for (int64_t i = 0; i < L; ++i)  // rare
+    if (z[i] < -20.0) y[i] = log_ndtr_tail(z[i]);
+  for (int64_t i = 0; i < L; ++i) {
+    const double hi = h[i], d = (1.0 - hi) - 1.0;  // u - 1, exact
+    const double f = -hi / (d == 0 ? -1.0 : d);    // x / (u - 1), x = -h
+    const double yi = y[i], pos = d == 0 ? -hi : yi * f;
+    z[i] = z[i] > 0 ? pos : yi;
+  }
 }
 
 // Median (numpy convention) of the sorted values s[0..L) without one copy of x (x in the list).
@@ -69,86 +99,121 @@ struct Group {
     const double m = (s1 - d) * inv;
     mu = mean + m;
     var = (s2 - d * d) * inv - m * m;
-    if (var < 0) var = 0;
+    var = var < 0 ? 0.0 : var;
   }
 };
 
-template <typename scalar_t>
-void lira_scores_kernel(const scalar_t* conf, const bool* keep, const double* gstd, scalar_t* out,
-                        int64_t M, int64_t N, int64_t A, bool online, bool median, bool logpdf) {
+// The variant flags are template parameters, so that each variant's per-target loop is compiled
+// without the others' branches; the target loop is branch-free for center=mean (keep is random, so
+// branches on it would be mispredicted half the time).
+// Examples [begin, end) (one thread's share).
+template <typename scalar_t, bool online, bool median, bool logpdf>
+BNMEM_SELECTS_VECTORIZE void lira_scores_range(const scalar_t* conf, const bool* keep, const double* gstd,
+                                               scalar_t* out, int64_t M, int64_t N, int64_t A,
+                                               int64_t begin, int64_t end) {
   const int64_t need = gstd ? 1 : 2;
   const int64_t need_in = online ? need : 0, need_out = need;
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    std::vector<double> x(M * A), acc(M), sin(M), sout(M);
+  constexpr bool one_sided = !online && !logpdf;
+  // examples per block: the block's M * NB * A per-augmentation values (log Phi arguments when
+  // one_sided, evaluated on the whole block at once) fit in ~64 KB per buffer
+  const int64_t NB = std::max<int64_t>(1, 8192 / (M * A));
+  {
+    std::vector<double> x(M * A), sin(M), sout(M), val(NB * M * A), h, y;
+    if (one_sided) h.resize(val.size()), y.resize(val.size());
     std::vector<char> k(M);
-    for (int64_t n = begin; n < end; ++n) {
-      int64_t n_in = 0;
-      for (int64_t m = 0; m < M; ++m) {
-        k[m] = keep[m * N + n];
-        n_in += k[m];
-        const scalar_t* row = conf + (m * N + n) * A;
-        for (int64_t a = 0; a < A; ++a) x[m * A + a] = static_cast<double>(row[a]);
-        acc[m] = 0;
-      }
-      const int64_t n_out = M - n_in;
-      for (int64_t a = 0; a < A; ++a) {
-        Group gi, go;
-        gi.cnt = n_in;
-        go.cnt = n_out;
-        for (int64_t m = 0; m < M; ++m) (k[m] ? gi.mean : go.mean) += x[m * A + a];
-        if (n_in) gi.mean /= n_in;
-        if (n_out) go.mean /= n_out;
-        int64_t li = 0, lo = 0;
+    for (int64_t n0 = begin; n0 < end; n0 += NB) {
+      const int64_t n1 = std::min(end, n0 + NB);
+      for (int64_t n = n0; n < n1; ++n) {
+        // val[((n - n0) * M + t) * A + a]: target t's term of augmentation a (NaN: t cannot be scored)
+        double* vn = val.data() + (n - n0) * M * A;
+        int64_t n_in = 0;
         for (int64_t m = 0; m < M; ++m) {
-          const double v = x[m * A + a];
-          Group& g = k[m] ? gi : go;
-          const double d = v - g.mean;
-          g.s1 += d;
-          g.s2 += d * d;
-          if (median) (k[m] ? sin[li++] : sout[lo++]) = v;
+          k[m] = keep[m * N + n];
+          n_in += k[m];
+          const scalar_t* row = conf + (m * N + n) * A;
+          for (int64_t a = 0; a < A; ++a) x[m * A + a] = static_cast<double>(row[a]);
         }
-        gi.finish();
-        go.finish();
-        if (median) {
-          std::sort(sin.begin(), sin.begin() + li);
-          std::sort(sout.begin(), sout.begin() + lo);
-        }
-        for (int64_t t = 0; t < M; ++t) {
-          const bool t_in = k[t];
-          const int64_t ci = n_in - (t_in ? 1 : 0), co = n_out - (t_in ? 0 : 1);
-          if (ci < need_in || co < need_out) continue;  // NaN below
-          const double c = x[t * A + a];
-          // variances, not stds: the online log-ratio needs one log and no sqrt
-          double mu_o, var_o;
-          go.stats(!t_in, c - go.mean, mu_o, var_o);
-          if (median) mu_o = t_in ? full_median(sout.data(), lo) : loo_median(sout.data(), lo, c);
-          if (gstd) var_o = gstd[(1 * M + t) * A + a] * gstd[(1 * M + t) * A + a];
-          const double e_o = (c - mu_o) * (c - mu_o);
-          double v;
-          if (online) {
-            double mu_i, var_i;
-            gi.stats(t_in, c - gi.mean, mu_i, var_i);
-            if (median) mu_i = t_in ? loo_median(sin.data(), li, c) : full_median(sin.data(), li);
-            if (gstd) var_i = gstd[t * A + a] * gstd[t * A + a];
-            // log N(c; mu_i, s_i) - log N(c; mu_o, s_o)
-            // one division: r = 1 / (var_i var_o)
-            const double r = 1.0 / (var_i * var_o);
-            v = 0.5 * ((e_o * var_i - (c - mu_i) * (c - mu_i) * var_o) * r - std::log(var_i * var_i * r));
-          } else if (logpdf) {
-            v = 0.5 * (e_o / var_o + std::log(var_o)) + kLogSqrt2Pi;  // -log N(c; mu_o, s_o)
-          } else {
-            v = log_ndtr((c - mu_o) / std::sqrt(var_o));
+        const int64_t n_out = M - n_in;
+        for (int64_t a = 0; a < A; ++a) {
+          Group gi, go;
+          gi.cnt = n_in;
+          go.cnt = n_out;
+          // branch-free sums (adding 0.0 for the other group's models leaves each sum exact)
+          for (int64_t m = 0; m < M; ++m) {
+            const double v = x[m * A + a];
+            gi.mean += k[m] ? v : 0.0;
+            go.mean += k[m] ? 0.0 : v;
           }
-          acc[t] += v;
+          if (n_in) gi.mean /= n_in;
+          if (n_out) go.mean /= n_out;
+          for (int64_t m = 0; m < M; ++m) {
+            const double v = x[m * A + a];
+            const double di = k[m] ? v - gi.mean : 0.0, dout = k[m] ? 0.0 : v - go.mean;
+            gi.s1 += di;
+            gi.s2 += di * di;
+            go.s1 += dout;
+            go.s2 += dout * dout;
+          }
+          int64_t li = 0, lo = 0;
+          if (median)
+            for (int64_t m = 0; m < M; ++m) (k[m] ? sin[li++] : sout[lo++]) = x[m * A + a];
+          gi.finish();
+          go.finish();
+          if (median) {
+            std::sort(sin.begin(), sin.begin() + li);
+            std::sort(sout.begin(), sout.begin() + lo);
+          }
+          // target t can be scored iff its groups keep enough models without it
+          const bool ok_in = n_in - 1 >= need_in && n_out >= need_out;
+          const bool ok_out = n_in >= need_in && n_out - 1 >= need_out;
+          for (int64_t t = 0; t < M; ++t) {
+            const bool t_in = k[t];
+            const double c = x[t * A + a];
+            // variances, not stds: the online log-ratio needs one log and no sqrt
+            double mu_o, var_o;
+            go.stats(!t_in, c - go.mean, mu_o, var_o);
+            if (median) mu_o = t_in ? full_median(sout.data(), lo) : loo_median(sout.data(), lo, c);
+            if (gstd) var_o = gstd[(1 * M + t) * A + a] * gstd[(1 * M + t) * A + a];
+            const double e_o = (c - mu_o) * (c - mu_o);
+            double v;
+            if (online) {
+              double mu_i, var_i;
+              gi.stats(t_in, c - gi.mean, mu_i, var_i);
+              if (median) mu_i = t_in ? loo_median(sin.data(), li, c) : full_median(sin.data(), li);
+              if (gstd) var_i = gstd[t * A + a] * gstd[t * A + a];
+              // log N(c; mu_i, s_i) - log N(c; mu_o, s_o)
+              // one division: r = 1 / (var_i var_o)
+              const double r = 1.0 / (var_i * var_o);
+              v = 0.5 * ((e_o * var_i - (c - mu_i) * (c - mu_i) * var_o) * r - std::log(var_i * var_i * r));
+            } else if (logpdf) {
+              v = 0.5 * (e_o / var_o + std::log(var_o)) + kLogSqrt2Pi;  // -log N(c; mu_o, s_o)
+            } else {  // log Phi of it below, for the whole block
+              v = (c - mu_o) / (gstd ? gstd[(1 * M + t) * A + a] : std::sqrt(var_o));
+            }
+            vn[t * A + a] = (t_in ? ok_in : ok_out) ? v : nan;
+          }
         }
       }
-      for (int64_t t = 0; t < M; ++t) {
-        const int64_t ci = n_in - (k[t] ? 1 : 0), co = n_out - (k[t] ? 0 : 1);
-        const bool ok = ci >= need_in && co >= need_out;
-        out[t * N + n] = static_cast<scalar_t>(ok ? acc[t] / static_cast<double>(A) : nan);
+      const int64_t nb = n1 - n0;
+      if (one_sided) log_ndtr_block(val.data(), h.data(), y.data(), nb * M * A);
+      for (int64_t n = n0; n < n1; ++n) {
+        const double* vn = val.data() + (n - n0) * M * A;
+        for (int64_t t = 0; t < M; ++t) {
+          double acc = 0;
+          for (int64_t a = 0; a < A; ++a) acc += vn[t * A + a];
+          out[t * N + n] = static_cast<scalar_t>(acc / static_cast<double>(A));
+        }
       }
     }
+  }
+}
+
+template <typename scalar_t, bool online, bool median, bool logpdf>
+void lira_scores_kernel(const scalar_t* conf, const bool* keep, const double* gstd, scalar_t* out,
+                        int64_t M, int64_t N, int64_t A) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    lira_scores_range<scalar_t, online, median, logpdf>(conf, keep, gstd, out, M, N, A, begin, end);
   });
 }
 
@@ -164,9 +229,20 @@ at::Tensor lira_scores_cpu(const at::Tensor& conf_in, const at::Tensor& keep_in,
   }
   at::Tensor out = at::empty({M, N}, conf.options());
   AT_DISPATCH_FLOATING_TYPES(conf.scalar_type(), "lira_scores_cpu", [&] {
-    lira_scores_kernel<scalar_t>(conf.const_data_ptr<scalar_t>(), keep.const_data_ptr<bool>(),
-                                 gstd.defined() ? gstd.const_data_ptr<double>() : nullptr,
-                                 out.data_ptr<scalar_t>(), M, N, A, online, median, logpdf);
+    const scalar_t* c = conf.const_data_ptr<scalar_t>();
+    const bool* k = keep.const_data_ptr<bool>();
+    const double* g = gstd.defined() ? gstd.const_data_ptr<double>() : nullptr;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    if (online) {
+      (median ? lira_scores_kernel<scalar_t, true, true, false> : lira_scores_kernel<scalar_t, true, false, false>)(
+          c, k, g, o, M, N, A);
+    } else if (logpdf) {
+      (median ? lira_scores_kernel<scalar_t, false, true, true> : lira_scores_kernel<scalar_t, false, false, true>)(
+          c, k, g, o, M, N, A);
+    } else {
+      (median ? lira_scores_kernel<scalar_t, false, true, false> : lira_scores_kernel<scalar_t, false, false, false>)(
+          c, k, g, o, M, N, A);
+    }
   });
   return out;
 }

@@ -157,6 +157,44 @@ def test_offline_tails(backend):
         assert rel.max() <= 1e-9, (stat, rel.max())
 
 
+def _log_ndtr_exact(z: float) -> float:
+    import mpmath  # torch depends on sympy, which depends on mpmath
+
+    with mpmath.workdps(60):
+        z = mpmath.mpf(z)
+        return float(mpmath.log1p(-mpmath.ncdf(-z)) if z > 0 else mpmath.log(mpmath.ncdf(z)))
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in divide:RuntimeWarning")
+@pytest.mark.parametrize("backend", backend_params("cpu", ("cpu", "triton", "reference")))
+def test_log_phi_elementwise_vs_mpmath(backend):
+    """offline one_sided is log Phi(z) itself where the out-models are {-1, +1} (mu = 0, s = 1
+    exactly) and the target, model 0, holds z: elementwise vs 60-digit mpmath over z in [-40, 37]
+    (each range of the kernels' case split, both sides of every threshold; above z = 37.5 log Phi
+    is subnormal), beyond +-40 too, fp64. Bound: 5e-13 relative, the conditioning of erfc in its
+    rounded argument z / sqrt 2 (2 z^2 ulp at z = 37; scipy's log_ndtr has the same)."""
+    z = np.concatenate([np.linspace(-40, 37, 155), [-20.0, -20 - 1e-9, -19.99, -5.0, -3.0, -1e-3, -1e-300,
+                                                    0.0, 1e-300, 1e-3, 3.0, 3.01, 5.9, 6.0, 6.1, 8.0]])
+    conf = torch.zeros(3, z.size, 1, dtype=torch.float64)
+    conf[0, :, 0] = torch.from_numpy(z)
+    conf[1], conf[2] = -1.0, 1.0
+    keep = torch.zeros(3, z.size, dtype=torch.bool)
+    keep[0] = True  # models 1, 2 as targets lack a second out-model: NaN (warned)
+    with pytest.warns(RuntimeWarning, match="are NaN"):
+        got = lira.lira_scores(conf, keep, online=False, offline_stat="one_sided", backend=backend)[0].numpy()
+    want = np.array([_log_ndtr_exact(v) for v in z])
+    rel = np.abs(got - want) / np.abs(want)
+    assert rel.max() <= 5e-13, (z[rel.argmax()], rel.max())
+    far = torch.tensor([-1e4, -600.0, 45.0, 1e4], dtype=torch.float64)
+    conf2 = torch.cat([far.view(1, 4, 1), -torch.ones(1, 4, 1, dtype=torch.float64),
+                       torch.ones(1, 4, 1, dtype=torch.float64)])
+    with pytest.warns(RuntimeWarning, match="are NaN"):
+        got = lira.lira_scores(conf2, keep[:, :4], online=False, backend=backend)[0].numpy()
+    want = np.array([_log_ndtr_exact(v) for v in far.tolist()])
+    assert np.abs(got[:2] - want[:2]).max() <= 1e-15 * np.abs(want[:2]).max()
+    assert np.all(got[2:] <= 0) and np.all(got[2:] >= -1e-300)  # log Phi(45) = -1e-442 underflows
+
+
 @pytest.mark.parametrize("backend", backend_params("cpu", ("cpu", "reference")))
 def test_half_inputs_are_widened(backend):
     conf, keep = make_data(6, 9, 2, False)
