@@ -13,12 +13,14 @@
 //    squared and summed (in double) at the end. Nothing bigger than one sample is ever formed.
 // Inputs of any strides are read in place; fp16/bf16 are converted to fp32 when copied, so they
 // accumulate in fp32. The micro-kernel is compiled twice (AVX2+FMA and baseline SSE2) and picked at
-// run time. (An AVX-512 build, 4 x 6 blocks, measured 10% slower on the Zen 4 dev machine.)
+// run time (BNMEM_CPU_ISA=baseline forces SSE2). (An AVX-512 build, 4 x 6 blocks, measured 10%
+// slower on the Zen 4 dev machine.)
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -84,8 +86,12 @@ void pack_x(const scalar_t* x, const int64_t* xs, const Geometry& geo, T* xq) {
       if (geo.sw == 1 && xs[2] == 1) {
         for (int64_t w = 0; w < geo.Wu; ++w) dst[w] = static_cast<T>(src[w]);
       } else {
-        for (int64_t w = 0; w < geo.Wu; ++w)
-          dst[(w % geo.sw) * geo.Hq * geo.Wq + w / geo.sw] = static_cast<T>(src[w * xs[2]]);
+        for (int64_t rw = 0; rw < geo.sw; ++rw) {   // phase rw: columns rw, rw + sw, ...
+          T* d = dst + rw * geo.Hq * geo.Wq;
+          const scalar_t* sp = src + rw * xs[2];
+          const int64_t n = (geo.Wu - rw + geo.sw - 1) / geo.sw, step = geo.sw * xs[2];
+          for (int64_t b = 0; b < n; ++b) d[b] = static_cast<T>(sp[b * step]);
+        }
       }
     }
 }
@@ -261,11 +267,14 @@ __attribute__((target("avx2,fma"))) double sample_avx2(const Geometry& geo, cons
 // ---------------------------------------------------------------------------------------------
 
 // The widest kernel this CPU runs, and its vector width in bytes.
+// BNMEM_CPU_ISA=baseline forces the SSE2 build (tests cover it that way; same numbers up to rounding).
 template <typename T>
 SampleFn pick_kernel(int64_t* vbytes) {
 #ifdef BNMEM_X86_DISPATCH
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+  const char* isa = std::getenv("BNMEM_CPU_ISA");
+  const bool baseline = isa != nullptr && std::strcmp(isa, "baseline") == 0;
+  if (!baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     *vbytes = 32;
     return &sample_avx2<T>;
   }

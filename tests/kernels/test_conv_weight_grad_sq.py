@@ -122,6 +122,18 @@ def test_large_shapes_fp64(backend, shape):
     assert testing.max_rel_err(out, autograd_truth(x, g, shape)) <= testing.RTOL[torch.float64]
 
 
+@pytest.mark.skipif(bool(testing._backend.unavailable_reason("cpu", "cpu")), reason="extension not built")
+@pytest.mark.parametrize("name", ["odd", "mixed", "rows", "depthwise"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_cpu_baseline_isa(monkeypatch, name, dtype):
+    """The CPU kernel's SSE2 build (the run-time pick on CPUs without AVX2/FMA), forced."""
+    monkeypatch.setenv("BNMEM_CPU_ISA", "baseline")
+    case = CASES[name]
+    x, g = make(case, dtype, seed=9)
+    out = call(x, g, case, "cpu")
+    assert testing.max_rel_err(out, autograd_truth(x, g, case)) <= testing.RTOL[dtype]
+
+
 def test_matches_padded_conv_layers():
     """A real nn.Conv2d (padding 1, bias) and nn.Conv1d ('same'): x padded as the layer pads it
     (1-D as H = 1) gives the per-sample weight-gradient norms of autograd."""
