@@ -137,9 +137,11 @@ BNMEM_INLINE void storeu(T* p, V v) {
 
 // acc[c][t] (vector partial sums at tile + (c * ld + t) * W) += sum over segments s < nseg and
 // v < len of g[c][s sg + v] * x[t][s sx + v]; CB x TB accumulators stay in registers.
-template <int CB, int TB, typename V, typename T>
+// DIRECT (the whole sum in one call): start from zero, and add the squares of the finished entries
+// to *sq instead of going through the tile.
+template <int CB, int TB, bool DIRECT, typename V, typename T>
 BNMEM_INLINE void micro(const T* const* gp, const T* const* xp, int64_t nseg, int64_t len, int64_t sg, int64_t sx,
-                        T* tile, int64_t ld) {
+                        T* tile, int64_t ld, double* sq) {
   constexpr int W = sizeof(V) / sizeof(T);
   V a[CB][TB];
   const T* g[CB];
@@ -148,7 +150,7 @@ BNMEM_INLINE void micro(const T* const* gp, const T* const* xp, int64_t nseg, in
   for (int c = 0; c < CB; ++c) {
     g[c] = gp[c];
 #pragma GCC unroll 8
-    for (int t = 0; t < TB; ++t) a[c][t] = loadu<V>(tile + (c * ld + t) * W);
+    for (int t = 0; t < TB; ++t) a[c][t] = DIRECT ? V{} : loadu<V>(tile + (c * ld + t) * W);
   }
 #pragma GCC unroll 8
   for (int t = 0; t < TB; ++t) x[t] = xp[t];
@@ -169,33 +171,44 @@ BNMEM_INLINE void micro(const T* const* gp, const T* const* xp, int64_t nseg, in
 #pragma GCC unroll 8
     for (int t = 0; t < TB; ++t) x[t] += sx;
   }
+  if constexpr (DIRECT) {
+    double total = 0;
+    for (int c = 0; c < CB; ++c)
+      for (int t = 0; t < TB; ++t) {
+        T e = 0;
+        for (int j = 0; j < W; ++j) e += a[c][t][j];
+        total += static_cast<double>(e) * static_cast<double>(e);
+      }
+    *sq += total;
+  } else {
 #pragma GCC unroll 8
-  for (int c = 0; c < CB; ++c)
+    for (int c = 0; c < CB; ++c)
 #pragma GCC unroll 8
-    for (int t = 0; t < TB; ++t) storeu(tile + (c * ld + t) * W, a[c][t]);
-}
-
-// micro<cb, tb> for run-time cb <= CB, tb <= TB.
-template <int CB, int TB, typename V, typename T>
-BNMEM_INLINE void micro_tb(int tb, const T* const* gp, const T* const* xp, int64_t nseg, int64_t len, int64_t sg,
-                           int64_t sx, T* tile, int64_t ld) {
-  if constexpr (TB >= 1) {
-    if (tb == TB) return micro<CB, TB, V, T>(gp, xp, nseg, len, sg, sx, tile, ld);
-    micro_tb<CB, TB - 1, V, T>(tb, gp, xp, nseg, len, sg, sx, tile, ld);
+      for (int t = 0; t < TB; ++t) storeu(tile + (c * ld + t) * W, a[c][t]);
   }
 }
 
-template <int CB, int TB, typename V, typename T>
+// micro<cb, tb> for run-time cb <= CB, tb <= TB.
+template <int CB, int TB, bool DIRECT, typename V, typename T>
+BNMEM_INLINE void micro_tb(int tb, const T* const* gp, const T* const* xp, int64_t nseg, int64_t len, int64_t sg,
+                           int64_t sx, T* tile, int64_t ld, double* sq) {
+  if constexpr (TB >= 1) {
+    if (tb == TB) return micro<CB, TB, DIRECT, V, T>(gp, xp, nseg, len, sg, sx, tile, ld, sq);
+    micro_tb<CB, TB - 1, DIRECT, V, T>(tb, gp, xp, nseg, len, sg, sx, tile, ld, sq);
+  }
+}
+
+template <int CB, int TB, bool DIRECT, typename V, typename T>
 BNMEM_INLINE void micro_any(int cb, int tb, const T* const* gp, const T* const* xp, int64_t nseg, int64_t len,
-                            int64_t sg, int64_t sx, T* tile, int64_t ld) {
+                            int64_t sg, int64_t sx, T* tile, int64_t ld, double* sq) {
   if constexpr (CB >= 1) {
-    if (cb == CB) return micro_tb<CB, TB, V, T>(tb, gp, xp, nseg, len, sg, sx, tile, ld);
-    micro_any<CB - 1, TB, V, T>(cb, tb, gp, xp, nseg, len, sg, sx, tile, ld);
+    if (cb == CB) return micro_tb<CB, TB, DIRECT, V, T>(tb, gp, xp, nseg, len, sg, sx, tile, ld, sq);
+    micro_any<CB - 1, TB, DIRECT, V, T>(cb, tb, gp, xp, nseg, len, sg, sx, tile, ld, sq);
   }
 }
 
 constexpr int kCB = 4;            // output channels per register block
-constexpr int64_t kChunk = 1024;  // positions per pass (flat mode): a 4-row g block + the x windows fit L1
+constexpr int64_t kChunk = 2048;  // positions per pass: a 4-row g block + the x windows stay in L1/L2
 
 // ||dW_i||^2 of one packed sample. tile: Cog * K * W scratch values.
 template <typename T, int VBYTES, int TB>
@@ -207,10 +220,11 @@ BNMEM_INLINE double sample_sq(const Geometry& geo, const T* xq, const T* gq, T* 
   for (int64_t grp = 0; grp < geo.groups; ++grp) {
     const T* xg = xq + grp * geo.Cig * geo.plane_c;
     const T* gg = gq + grp * Cog * geo.Lg;
-    std::fill(tile, tile + Cog * K * W, T(0));
     // pieces: flat -> chunks of positions of the one segment; rows -> chunks of rows
     const int64_t rows_per = geo.flat ? 1 : std::max<int64_t>(1, kChunk / geo.seglen);
     const int64_t n_pieces = geo.flat ? (geo.seglen + kChunk - 1) / kChunk : (geo.nseg + rows_per - 1) / rows_per;
+    const bool direct = n_pieces == 1;   // one pass: entries finish in registers, no tile
+    if (!direct) std::fill(tile, tile + Cog * K * W, T(0));
     for (int64_t pc = 0; pc < n_pieces; ++pc) {
       int64_t g_off, x_off, nseg, len;
       if (geo.flat) {
@@ -232,10 +246,15 @@ BNMEM_INLINE double sample_sq(const Geometry& geo, const T* xq, const T* gq, T* 
           const int tb = static_cast<int>(std::min<int64_t>(TB, K - t0));
           const T* xptr[TB];
           for (int t = 0; t < tb; ++t) xptr[t] = xg + geo.tap_off[t0 + t] + x_off;
-          micro_any<kCB, TB, V, T>(cb, tb, gptr, xptr, nseg, len, geo.seglen, geo.Wq, tile + (c0 * K + t0) * W, K);
+          if (direct)
+            micro_any<kCB, TB, true, V, T>(cb, tb, gptr, xptr, nseg, len, geo.seglen, geo.Wq, nullptr, K, &total);
+          else
+            micro_any<kCB, TB, false, V, T>(cb, tb, gptr, xptr, nseg, len, geo.seglen, geo.Wq, tile + (c0 * K + t0) * W,
+                                            K, &total);
         }
       }
     }
+    if (direct) continue;
     for (int64_t e = 0; e < Cog * K; ++e) {
       T s = 0;
       for (int j = 0; j < W; ++j) s += tile[e * W + j];

@@ -113,9 +113,10 @@ def test_non_contiguous_inputs(device, backend, name):
 
 
 @pytest.mark.parametrize("backend", COMPILED)
-@pytest.mark.parametrize("shape", [(4, 3, 34, 34, 16, (3, 3), (1, 1), (1, 1), 1),      # flat layout, L > one chunk
+@pytest.mark.parametrize("shape", [(4, 3, 34, 34, 16, (3, 3), (1, 1), (1, 1), 1),      # flat layout, one pass
+                                   (3, 5, 50, 50, 6, (3, 3), (1, 1), (1, 1), 1),       # flat, L > one chunk (2048)
                                    (2, 2, 300, 40, 3, (3, 3), (1, 1), (1, 15), 1)],     # rows, several row chunks
-                         ids=["cifar", "tall"])
+                         ids=["cifar", "big", "tall"])
 def test_large_shapes_fp64(backend, shape):
     x, g = make(shape, seed=6)
     out = call(x, g, shape, backend)
