@@ -53,8 +53,8 @@ def conv_weight_grad_sq_triton(x: torch.Tensor, g: torch.Tensor, kernel_size, st
     KH, KW = kernel_size
     fp64 = x.dtype == torch.float64
     acc_dtype = torch.float64 if fp64 else torch.float32
-    if B == 0:
-        return torch.zeros(0, dtype=acc_dtype, device=x.device)
+    if B == 0 or Co == 0:
+        return torch.zeros(B, dtype=acc_dtype, device=x.device)
     use_dot = 0 if fp64 else 2 if (x.dtype == torch.bfloat16 and triton_interpreting()) else 1
     cig, cog = C // groups, Co // groups
     K, L = cig * KH * KW, OH * OW

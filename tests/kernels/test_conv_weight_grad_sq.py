@@ -170,6 +170,13 @@ def test_empty_batch_gives_empty_result(device, backend):
     assert out.shape == (0,)
 
 
+@pytest.mark.parametrize("device,backend", testing.device_backend_params())
+def test_no_output_channels_gives_zeros(device, backend):
+    out = bk.conv_weight_grad_sq(torch.randn(2, 3, 6, 6, device=device), torch.randn(2, 0, 4, 4, device=device), 3,
+                                 backend=backend)
+    assert out.shape == (2,) and not out.any()
+
+
 @pytest.mark.skipif(bool(testing._backend.unavailable_reason("cpu", "cpu")), reason="extension not built")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_opcheck_compiled(dtype):
