@@ -15,8 +15,8 @@ gradient of the output as computed there, also when a later in-place op (ReLU(in
 rewrites it.
 
 Modes: "column" and "detached" run the model in train mode (BatchNorm with batch statistics),
-"eval" in eval mode (running statistics); "detached" additionally recomputes each BatchNorm's
-output with its batch statistics detached (rules.BatchNormRule). The model's training flags,
+"eval" in eval mode (running statistics); "detached" computes each BatchNorm's output with its
+batch statistics detached (rules.BatchNormRule.patch_detached). The model's training flags,
 buffers (running stats, num_batches_tracked), .grad and hooks are restored on return (_state).
 """
 from __future__ import annotations
@@ -103,11 +103,16 @@ def install_capture_hooks(model, mode, handles, *, tap: bool, on_output=None):
     for name, m, rule in parameter_modules(model):
         handles.append(m.register_forward_hook(make_hook(name, rule)))
         hooked.add(id(m))
-    if mode == "detached":   # BatchNorms without trainable parameters are detached too
+    if mode == "detached":   # every BatchNorm (with or without trainable parameters) is detached
         def detach_only(module, args, output):
             return _rules.BatchNormRule.detached_output(module, args[0])
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in hooked:
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+                continue
+            if type(m).forward is nn.modules.batchnorm._BatchNorm.forward and "forward" not in m.__dict__:
+                # the detached output computed once, instead of torch's forward + a recomputation
+                handles.append(_rules.BatchNormRule.patch_detached(m, keep_stats=id(m) in hooked))
+            elif id(m) not in hooked:
                 handles.append(m.register_forward_hook(detach_only))
     return captures
 

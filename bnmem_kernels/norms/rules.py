@@ -290,30 +290,81 @@ def _saved_stats(output, node_name):
         return None
 
 
+class _DetachedBatchNorm(torch.autograd.Function):
+    """Train-mode BatchNorm whose backward treats the batch statistics as constants ("detached"):
+    forward = torch's fused batch-statistics BatchNorm (also returning mean and 1/std), backward =
+    torch's fused eval-mode BatchNorm backward with those statistics as the running ones."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        out, mean, rstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, rstd)
+        return out, mean, rstd
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _drstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        need = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        var = rstd.reciprocal().square() - ctx.eps          # eval backward divides by sqrt(var + eps) = 1/rstd
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(dy.contiguous(), x, weight, mean, var, None, None,
+                                                               False, ctx.eps, need)
+        return dx, dw, db, None
+
+
 @register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class BatchNormRule(Rule):
     """Statistics per channel: batch statistics (train mode, or no running stats) or running
     statistics (eval). dgamma_i[c] = sum_t dy xhat, dbeta_i[c] = sum_t dy (norm_affine_grad_sq).
-    mode="detached": the forward output is recomputed with the batch mean/var detached, so the
-    backward treats them as constants (the model's own output is discarded; running stats are
-    restored by the engine)."""
+    mode="detached": the engine replaces the layer's forward for the call (`patch_detached`) by
+    the output with the batch mean/var computed without autograd, so the backward treats them as
+    constants; those statistics go straight to `capture` (nothing computed twice). A layer whose
+    forward was not replaced gets its output recomputed that way in `capture` instead."""
+
+    _stash: dict = {}   # id(output) -> (output, mean, rstd) of a replaced forward, until its capture
+
+    @classmethod
+    def patch_detached(cls, module, keep_stats):
+        """Replace module.forward (an instance attribute; torch's hooks still run around it) by the
+        detached computation; keep_stats: hand the statistics to `capture` (the layer has a rule
+        hook). Returns a handle whose remove() restores the class forward."""
+        def forward(x):
+            if not (module.training or module.running_mean is None):
+                return type(module).forward(module, x)
+            out, mean, rstd = _DetachedBatchNorm.apply(x, module.weight, module.bias, module.eps)
+            if keep_stats:
+                cls._stash[id(out)] = (out, mean, rstd)
+            return out
+
+        class Handle:
+            def remove(self):
+                module.__dict__.pop("forward", None)
+                cls._stash.clear()
+        module.forward = forward
+        return Handle()
+
+    @staticmethod
+    def _batch_stats(module, x):
+        with torch.no_grad():
+            var, mean = torch.var_mean(x.detach().to(_acc(x)), dim=[0] + list(range(2, x.dim())), correction=0)
+            return mean, torch.rsqrt(var + module.eps)
 
     def capture(self, module, x, output, mode):
         batch = module.training or module.running_mean is None
-        dims = [0] + list(range(2, x.dim()))
         acc = _acc(x)
         replace = None
         if not batch:
             mean = module.running_mean.detach().to(acc).clone()
             rstd = torch.rsqrt(module.running_var.detach().to(acc) + module.eps)
+        elif mode == "detached" and self._stash.get(id(output), (None,))[0] is output:
+            _, mean, rstd = self._stash.pop(id(output))     # the replaced forward's own statistics
         else:
             saved = _saved_stats(output, "NativeBatchNormBackward0")
             if saved is not None and saved[0].numel() == x.shape[1] and saved[1].numel() == x.shape[1]:
                 mean, rstd = saved[0].detach().to(acc), saved[1].detach().to(acc)
             else:
-                with torch.no_grad():
-                    var, mean = torch.var_mean(x.detach().to(acc), dim=dims, correction=0)
-                    rstd = torch.rsqrt(var + module.eps)
+                mean, rstd = self._batch_stats(module, x)
             if mode == "detached":
                 replace = self.detached_output(module, x, mean, rstd)
         return {"x": x, "mean": mean.reshape(1, -1), "rstd": rstd.reshape(1, -1)}, replace
@@ -326,9 +377,7 @@ class BatchNormRule(Rule):
         if not (module.training or module.running_mean is None):
             return None
         if mean is None:
-            with torch.no_grad():
-                var, mean = torch.var_mean(x.detach().to(_acc(x)), dim=[0] + list(range(2, x.dim())), correction=0)
-                rstd = torch.rsqrt(var + module.eps)
+            mean, rstd = BatchNormRule._batch_stats(module, x)
         # eval-mode batch_norm with the batch statistics passed as constants: one fused op whose backward
         # treats them as constants. var = rstd^-2 with eps = 0 reproduces rstd to rounding.
         var = rstd.reciprocal().square()
