@@ -271,8 +271,7 @@ double sample_baseline(const Geometry& geo, const void* xq, const void* gq, void
   return sample_sq<T, 16, 3>(geo, static_cast<const T*>(xq), static_cast<const T*>(gq), static_cast<T*>(tile));
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define BNMEM_X86_DISPATCH 1
+#ifdef BNMEM_X86_DISPATCH
 template <typename T>
 __attribute__((target("avx2,fma"))) double sample_avx2(const Geometry& geo, const void* xq, const void* gq,
                                                        void* tile) {
@@ -290,10 +289,7 @@ __attribute__((target("avx2,fma"))) double sample_avx2(const Geometry& geo, cons
 template <typename T>
 SampleFn pick_kernel(int64_t* vbytes) {
 #ifdef BNMEM_X86_DISPATCH
-  __builtin_cpu_init();
-  const char* isa = std::getenv("BNMEM_CPU_ISA");
-  const bool baseline = isa != nullptr && std::strcmp(isa, "baseline") == 0;
-  if (!baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+  if (cpu_use_avx2()) {
     *vbytes = 32;
     return &sample_avx2<T>;
   }

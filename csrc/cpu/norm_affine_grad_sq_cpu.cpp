@@ -1,7 +1,8 @@
 // norm_affine_grad_sq on CPU: per-sample squared norms of a normalization layer's affine gradients.
 //  x, dy, mean, rstd: [B, C, S] with any strides (stats are usually stride-0 expansions).
 //  Pass 1, (i, c) pairs in parallel (at::parallel_for, OpenMP): sum_s dy*(x - mean)*rstd and
-//  sum_s dy, recomputing xhat on the fly (never stored), into a [B, C, 2] buffer.
+//  sum_s dy, recomputing xhat on the fly (never stored), into a [B, C, 2] buffer; contiguous rows go
+//  through a lane-parallel loop compiled for the baseline ISA and AVX2+FMA (picked at run time).
 //  Pass 2, samples in parallel: sum over c of the squares -> out [B, 2].
 // fp16/bf16 accumulate in fp32 (at::opmath_type); out is fp64 for fp64 x, fp32 otherwise.
 #include <ATen/Dispatch.h>
@@ -15,7 +16,47 @@
 namespace bnmem {
 namespace {
 
-constexpr int64_t kLanes = 8;
+// One contiguous row: sg = sum_s dy_s (x_s - m), sb = sum_s dy_s, as an OpenMP SIMD reduction (the
+// compiler may reassociate the two sums into vector lanes; an explicit lane array made GCC shuffle).
+// Compiled for the baseline ISA and, on x86, for AVX2 + FMA, picked at run time (cpu_use_avx2;
+// BNMEM_CPU_ISA=baseline forces the baseline build).
+template <typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void row_sums(const scalar_t* xi, const scalar_t* di, int64_t S, acc_t m,
+                                                    acc_t& sg_out, acc_t& sb_out) {
+  acc_t sg = 0, sb = 0;
+#pragma omp simd reduction(+ : sg, sb)
+  for (int64_t s = 0; s < S; ++s) {
+    const acc_t d = static_cast<acc_t>(di[s]);
+    sg += d * (static_cast<acc_t>(xi[s]) - m);
+    sb += d;
+  }
+  sg_out = sg;
+  sb_out = sb;
+}
+
+template <typename scalar_t, typename acc_t>
+using RowFn = void (*)(const scalar_t*, const scalar_t*, int64_t, acc_t, acc_t&, acc_t&);
+
+template <typename scalar_t, typename acc_t>
+void row_sums_baseline(const scalar_t* xi, const scalar_t* di, int64_t S, acc_t m, acc_t& sg, acc_t& sb) {
+  row_sums<scalar_t, acc_t>(xi, di, S, m, sg, sb);
+}
+
+#ifdef BNMEM_X86_DISPATCH
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma"))) void row_sums_avx2(const scalar_t* xi, const scalar_t* di, int64_t S, acc_t m,
+                                                       acc_t& sg, acc_t& sb) {
+  row_sums<scalar_t, acc_t>(xi, di, S, m, sg, sb);
+}
+#endif
+
+template <typename scalar_t, typename acc_t>
+RowFn<scalar_t, acc_t> pick_row_sums() {
+#ifdef BNMEM_X86_DISPATCH
+  if (cpu_use_avx2()) return &row_sums_avx2<scalar_t, acc_t>;
+#endif
+  return &row_sums_baseline<scalar_t, acc_t>;
+}
 
 void check_inputs(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& mean, const at::Tensor& rstd) {
   TORCH_CHECK(x.dim() == 3 && dy.sizes() == x.sizes() && mean.sizes() == x.sizes() && rstd.sizes() == x.sizes(),
@@ -54,6 +95,7 @@ at::Tensor norm_affine_grad_sq_cpu(const at::Tensor& x, const at::Tensor& dy, co
     const int64_t smb = mean.stride(0), smc = mean.stride(1), sms = mean.stride(2);
     const int64_t srb = rstd.stride(0), src = rstd.stride(1), srs = rstd.stride(2);
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1));
+    const RowFn<scalar_t, acc_t> row = pick_row_sums<scalar_t, acc_t>();
     at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t bc = begin; bc < end; ++bc) {
         const int64_t b = bc / C, c = bc % C;
@@ -63,24 +105,7 @@ at::Tensor norm_affine_grad_sq_cpu(const at::Tensor& x, const at::Tensor& dy, co
         const acc_t* ri = rp + b * srb + c * src;
         acc_t sg = 0, sb = 0;
         if (sxs == 1 && sds == 1 && sms == 0 && srs == 0) {  // BN / IN / GN layout: contiguous rows
-          const acc_t m = mi[0];
-          acc_t lg[kLanes] = {}, lb[kLanes] = {};
-          int64_t s = 0;
-          for (; s + kLanes <= S; s += kLanes)
-            for (int64_t j = 0; j < kLanes; ++j) {
-              const acc_t d = static_cast<acc_t>(di[s + j]);
-              lg[j] += d * (static_cast<acc_t>(xi[s + j]) - m);
-              lb[j] += d;
-            }
-          for (; s < S; ++s) {
-            const acc_t d = static_cast<acc_t>(di[s]);
-            sg += d * (static_cast<acc_t>(xi[s]) - m);
-            sb += d;
-          }
-          for (int64_t j = 0; j < kLanes; ++j) {
-            sg += lg[j];
-            sb += lb[j];
-          }
+          row(xi, di, S, mi[0], sg, sb);
           sg *= ri[0];
         } else {
           for (int64_t s = 0; s < S; ++s) {

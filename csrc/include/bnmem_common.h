@@ -6,7 +6,23 @@
 #include <optional>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
+#include <cstring>
+
 namespace bnmem {
+
+// Hand-vectorized CPU loops are compiled twice, baseline (SSE2) and __attribute__((target("avx2,fma"))),
+// and picked at run time: cpu_use_avx2() is true when this CPU runs AVX2 + FMA and BNMEM_CPU_ISA is not
+// "baseline" (the tests force the baseline build that way; same numbers up to rounding).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
+#define BNMEM_X86_DISPATCH 1
+inline bool cpu_use_avx2() {
+  const char* isa = std::getenv("BNMEM_CPU_ISA");
+  if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#endif
 
 // Ghost-norm route (MATH.md): the Gram route costs O(T^2 (d_in + d_out)) and needs two T x T
 // Grams; materializing G_i^T A_i costs O(T d_in d_out). Gram when 2 T^2 < d_in * d_out.

@@ -65,6 +65,25 @@ def test_low_precision_accumulates_in_fp32(device, backend, dtype, layout):
     assert testing.max_rel_err(out, expected) <= testing.RTOL[torch.float32]
 
 
+@pytest.mark.parametrize("isa", ["auto", "baseline"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_cpu_long_rows_both_isas(monkeypatch, isa, dtype):
+    """Long contiguous rows (odd length: vector body + remainder) through the CPU kernel's run-time
+    picked build and its baseline build (BNMEM_CPU_ISA=baseline), BN and GN-like statistics."""
+    if isa == "baseline":
+        monkeypatch.setenv("BNMEM_CPU_ISA", "baseline")
+    gen = torch.Generator().manual_seed(5)
+    B, C, S = 3, 4, 1037
+    x = (torch.randn(B, C, S, generator=gen, dtype=torch.float64) * 3 + 1).to(dtype)
+    dy = torch.randn(B, C, S, generator=gen, dtype=torch.float64).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for shape in ((1, C, 1), (B, C, 1)):
+        mean = torch.randn(shape, generator=gen, dtype=torch.float64).to(acc)
+        rstd = (torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5).to(acc)
+        out = bk.norm_affine_grad_sq(x, dy, mean, rstd, backend="cpu")
+        assert testing.max_rel_err(out, autograd_truth(x, dy, mean, rstd)) <= testing.RTOL[acc]
+
+
 def test_bad_inputs_raise_clear_errors():
     x, dy, mean, rstd = _inputs("bn")
     with pytest.raises(ValueError, match=r"\[B, C, S\]"):
