@@ -37,11 +37,11 @@ inline double log_ndtr_tail(double z) {  // z < -3
   for (int k = 40; k >= 1; --k) r = x + k / r;
   return -0.5 * x * x - kLogSqrt2Pi - std::log(r);
 }
-// GCC turns selects (c ? a : b on doubles) into branch-free code (blends, vectorized loops) only
-// when comparisons may be assumed not to trap, and inlines sqrt only without errno: neither option
-// changes any result (they concern floating-point exception flags and errno only).
+// GCC vectorizes the selects (c ? a : b on doubles) of log_ndtr_block only when comparisons may be
+// assumed not to trap; this changes no result (trapping math concerns exception flags only). Not
+// applied to the main loop: measured slower there.
 #if defined(__GNUC__) && !defined(__clang__)
-#define BNMEM_SELECTS_VECTORIZE __attribute__((optimize("no-trapping-math", "no-math-errno")))
+#define BNMEM_SELECTS_VECTORIZE __attribute__((optimize("no-trapping-math")))
 #else
 #define BNMEM_SELECTS_VECTORIZE
 #endif
@@ -103,14 +103,13 @@ struct Group {
   }
 };
 
-// The variant flags are template parameters, so that each variant's per-target loop is compiled
-// without the others' branches; the target loop is branch-free for center=mean (keep is random, so
-// branches on it would be mispredicted half the time).
-// Examples [begin, end) (one thread's share).
+// Examples [begin, end) (one thread's share). The variant flags are template parameters, so that
+// each variant's per-target loop is compiled without the others' branches; the group sums and the
+// target loop select on keep instead of branching on it (keep is random: branches on it would be
+// mispredicted half the time).
 template <typename scalar_t, bool online, bool median, bool logpdf>
-BNMEM_SELECTS_VECTORIZE void lira_scores_range(const scalar_t* conf, const bool* keep, const double* gstd,
-                                               scalar_t* out, int64_t M, int64_t N, int64_t A,
-                                               int64_t begin, int64_t end) {
+void lira_scores_range(const scalar_t* conf, const bool* keep, const double* gstd, scalar_t* out, int64_t M,
+                       int64_t N, int64_t A, int64_t begin, int64_t end) {
   const int64_t need = gstd ? 1 : 2;
   const int64_t need_in = online ? need : 0, need_out = need;
   const double nan = std::numeric_limits<double>::quiet_NaN();
@@ -147,6 +146,7 @@ BNMEM_SELECTS_VECTORIZE void lira_scores_range(const scalar_t* conf, const bool*
           }
           if (n_in) gi.mean /= n_in;
           if (n_out) go.mean /= n_out;
+          int64_t li = 0, lo = 0;
           for (int64_t m = 0; m < M; ++m) {
             const double v = x[m * A + a];
             const double di = k[m] ? v - gi.mean : 0.0, dout = k[m] ? 0.0 : v - go.mean;
@@ -154,10 +154,8 @@ BNMEM_SELECTS_VECTORIZE void lira_scores_range(const scalar_t* conf, const bool*
             gi.s2 += di * di;
             go.s1 += dout;
             go.s2 += dout * dout;
+            if (median) (k[m] ? sin[li++] : sout[lo++]) = v;
           }
-          int64_t li = 0, lo = 0;
-          if (median)
-            for (int64_t m = 0; m < M; ++m) (k[m] ? sin[li++] : sout[lo++]) = x[m * A + a];
           gi.finish();
           go.finish();
           if (median) {
@@ -168,19 +166,20 @@ BNMEM_SELECTS_VECTORIZE void lira_scores_range(const scalar_t* conf, const bool*
           const bool ok_in = n_in - 1 >= need_in && n_out >= need_out;
           const bool ok_out = n_in >= need_in && n_out - 1 >= need_out;
           for (int64_t t = 0; t < M; ++t) {
-            const bool t_in = k[t];
+            const bool t_in = k[t], ok = t_in ? ok_in : ok_out;
             const double c = x[t * A + a];
             // variances, not stds: the online log-ratio needs one log and no sqrt
             double mu_o, var_o;
             go.stats(!t_in, c - go.mean, mu_o, var_o);
-            if (median) mu_o = t_in ? full_median(sout.data(), lo) : loo_median(sout.data(), lo, c);
+            // (the medians read only inside the groups: only where t can be scored)
+            if (median && ok) mu_o = t_in ? full_median(sout.data(), lo) : loo_median(sout.data(), lo, c);
             if (gstd) var_o = gstd[(1 * M + t) * A + a] * gstd[(1 * M + t) * A + a];
             const double e_o = (c - mu_o) * (c - mu_o);
             double v;
             if (online) {
               double mu_i, var_i;
               gi.stats(t_in, c - gi.mean, mu_i, var_i);
-              if (median) mu_i = t_in ? loo_median(sin.data(), li, c) : full_median(sin.data(), li);
+              if (median && ok) mu_i = t_in ? loo_median(sin.data(), li, c) : full_median(sin.data(), li);
               if (gstd) var_i = gstd[t * A + a] * gstd[t * A + a];
               // log N(c; mu_i, s_i) - log N(c; mu_o, s_o)
               // one division: r = 1 / (var_i var_o)
@@ -191,7 +190,7 @@ BNMEM_SELECTS_VECTORIZE void lira_scores_range(const scalar_t* conf, const bool*
             } else {  // log Phi of it below, for the whole block
               v = (c - mu_o) / (gstd ? gstd[(1 * M + t) * A + a] : std::sqrt(var_o));
             }
-            vn[t * A + a] = (t_in ? ok_in : ok_out) ? v : nan;
+            vn[t * A + a] = ok ? v : nan;
           }
         }
       }
