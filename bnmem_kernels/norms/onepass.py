@@ -195,7 +195,9 @@ def onepass_per_sample_grad_norms(model, loss_fn, inputs, targets, *, mode, per_
         for c, g in zip(live, grads):
             if c.bottom is not None and c.tap is c.bottom[0]:
                 c.grad = g
-            c.bottom = None
+            # a tapped output holds its tensor hook -> the capture -> the output: a cycle through autograd's
+            # C++ hook table that Python's GC cannot see (it leaked the activation every call): cut it here
+            c.bottom = c.tap = None
         del losses, grads
         with torch.no_grad():
             return norms_from_captures(model, captures, B, per_layer=per_layer, backend=backend,

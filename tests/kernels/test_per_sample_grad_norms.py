@@ -427,3 +427,28 @@ def test_subclass_overriding_forward_is_refused():
         bk.per_sample_grad_norms(model, ce, x, y, mode="column")
     with pytest.raises(UnsupportedModuleError, match="GhostBN"):
         bk.GradNormProbe(model)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_activation_outlives_the_call(mode):
+    """Nothing the engine captured survives the call (regression: a tapped bottom output held its
+    tensor hook -> capture -> output cycle through autograd's C++ hook table, which Python's GC
+    cannot collect, leaking that activation every call)."""
+    import gc
+    import weakref
+
+    from bnmem_kernels.norms.onepass import LayerCapture
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 3, (5,))
+    seen = []
+    hook = model[0].register_forward_hook(lambda m, a, o: seen.append(weakref.ref(o)))
+    try:
+        for _ in range(3):
+            bk.per_sample_grad_norms(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y, mode=mode)
+    finally:
+        hook.remove()
+    gc.collect()
+    assert seen and all(r() is None for r in seen), "a bottom layer's output outlived the call"
+    assert not any(isinstance(o, LayerCapture) for o in gc.get_objects())
