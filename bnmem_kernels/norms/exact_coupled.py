@@ -32,6 +32,8 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ._parallel import map_passes
+
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 # S route only while the J_k of all S-route calls (2 C_k x P entries each) stay below this many bytes.
 S_ROUTE_BYTES = 256 * 2**20
@@ -342,8 +344,9 @@ def _batched_vjp(outputs, params, seeds, batched=True):
                                            retain_graph=True, allow_unused=True)
             except (RuntimeError, NotImplementedError):   # an op without a batching rule: one by one
                 pass
-    per = [torch.autograd.grad(outputs, params, grad_outputs=[s[r] for s in seeds], retain_graph=True,
-                               allow_unused=True) for r in range(seeds[0].shape[0])]
+    per = map_passes(lambda r: torch.autograd.grad(outputs, params, grad_outputs=[s[r] for s in seeds],
+                                                   retain_graph=True, allow_unused=True),
+                     range(seeds[0].shape[0]), seeds[0].device)
     return [None if per[0][q] is None else torch.stack([g[q] for g in per]) for q in range(len(params))]
 
 
