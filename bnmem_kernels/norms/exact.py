@@ -25,7 +25,9 @@ Dropout: one forward means one mask. Both paths use the masks of their single ba
 as the autograd loop does after its one forward (with the same RNG state, the same masks).
 `max_chunk`: at most this many samples per per-sample (vmap) chunk and seeds per batched pass;
 None -> DEFAULT_CHUNK. Memory grows with the chunk. On CPU the seed passes run one seed at a time
-(torch's batched backward, is_grads_batched, measured ~3x slower there), on GPUs batched per chunk.
+(torch's batched backward, is_grads_batched, measured ~3x slower there), spread over worker threads
+with one intra-op thread each (norms/_parallel.py; BNMEM_PASS_THREADS sets their number, default
+torch.get_num_threads()); on GPUs batched per chunk.
 `backend` is validated and otherwise unused: these paths run on PyTorch ops on the inputs' device
 (the bn_seeded_backward kernel is not on their critical path yet).
 The model is left exactly as it was (training flags, buffers incl. BN running stats and
