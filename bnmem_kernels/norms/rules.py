@@ -140,13 +140,18 @@ def conv_weight_sq_grouped(module, x, g):
     """||dW_i||^2 of a Conv1d/Conv2d (any stride) from the backend's own weight-gradient kernel: the
     batch folded into the channels of one sample ([1, B C_in, H, W]) and groups = B * groups, so
     the kernel returns every sample's weight gradient ("expanded weights"), squared and summed.
-    Materializes per-sample gradients of this one layer, in sample chunks of at most ~8 MB."""
-    xp, ks, dil, st = _conv_padded(module, x)
+    Materializes per-sample gradients of this one layer, in sample chunks of at most ~8 MB.
+    A Conv2d with symmetric zero padding passes its padding to the kernel (no padded copy of x)."""
+    if x.dim() == 4 and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        xp, ks, dil, st, pad = x, tuple(module.kernel_size), tuple(module.dilation), tuple(module.stride), \
+            list(module.padding)
+    else:
+        (xp, ks, dil, st), pad = _conv_padded(module, x), [0, 0]
     B, C, Hp, Wp = xp.shape
     gr = module.groups
     Co = g.shape[1]
-    OH = (Hp - dil[0] * (ks[0] - 1) - 1) // st[0] + 1
-    OW = (Wp - dil[1] * (ks[1] - 1) - 1) // st[1] + 1
+    OH = (Hp + 2 * pad[0] - dil[0] * (ks[0] - 1) - 1) // st[0] + 1
+    OW = (Wp + 2 * pad[1] - dil[1] * (ks[1] - 1) - 1) // st[1] + 1
     g4 = g.reshape(B, Co, OH, OW)
     per_sample = Co * (C // gr) * ks[0] * ks[1] * x.element_size()
     chunk = max(1, _GROUPED_CHUNK_BYTES // per_sample)
@@ -157,7 +162,7 @@ def conv_weight_sq_grouped(module, x, g):
         w = torch.empty(n * Co, C // gr, ks[0], ks[1], dtype=x.dtype, device=x.device)
         dw = torch.ops.aten.convolution_backward(
             g4[s:s + n].reshape(1, n * Co, OH, OW), xp[s:s + n].reshape(1, n * C, Hp, Wp), w, None, list(st),
-            [0, 0], list(dil), False, [0, 0], n * gr, [False, True, False])[1]
+            pad, list(dil), False, [0, 0], n * gr, [False, True, False])[1]
         out.append(dw.reshape(n, -1).to(acc).square().sum(dim=1))
     return torch.cat(out)
 

@@ -370,6 +370,7 @@ def test_conv_routes_agree(conv):
 
 @pytest.mark.parametrize("conv", [
     lambda: nn.Conv2d(6, 4, 3, padding=1, stride=2),
+    lambda: nn.Conv2d(6, 4, (3, 2), padding=(2, 1), dilation=(2, 1), groups=2),   # padding passed to the kernel
     lambda: nn.Conv2d(10, 4, (2, 3), padding="same", dilation=(1, 2), groups=2, padding_mode="replicate"),
     lambda: nn.Conv1d(5, 3, 3, stride=2, dilation=2),
 ])
