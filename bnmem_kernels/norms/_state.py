@@ -34,7 +34,8 @@ class ModelSnapshot:
 
     def restore(self) -> None:
         for m, flag in zip(self.modules, self.training):
-            m.training = flag
+            if m.training != flag:        # (nn.Module.__setattr__ is slow: only where it changed)
+                m.training = flag
         with torch.no_grad():
             for b, saved in self.buffers:
                 if b.shape == saved.shape:
@@ -45,6 +46,8 @@ class ModelSnapshot:
         for m, saved, fb in zip(self.modules, self.hooks, self.full_backward):
             for k, d in saved.items():
                 live = getattr(m, k)
+                if live == d:
+                    continue
                 for key in [key for key in live if key not in d]:
                     del live[key]
                 for key, v in d.items():
@@ -78,4 +81,6 @@ def set_mode(model: torch.nn.Module, mode: str) -> None:
     """The training flag each mode runs under: "eval" -> model.eval(); the batch-statistics modes
     ("exact", "column", "detached") -> model.train() (BatchNorm normalizes with batch statistics).
     Callers restore the user's flags with `preserved_model_state`."""
-    model.train(mode != "eval")
+    want = mode != "eval"
+    if any(m.training != want for m in model.modules()):
+        model.train(want)

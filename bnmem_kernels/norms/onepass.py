@@ -28,7 +28,7 @@ from torch import nn
 
 from ..reference.ghost_norm import accumulation_dtype
 from . import rules as _rules
-from ._checks import check_call, check_losses, result_dtype, trainable_parameters
+from ._checks import check_call, check_losses, trainable_parameters
 from ._state import preserved_model_state, set_mode, temporary_hooks
 
 
@@ -135,7 +135,7 @@ def norms_from_captures(model, captures, B, *, per_layer, backend, max_chunk=Non
     squared norms are quadratic in G, so they are multiplied by scale^2 instead (no copy of G).
     Samples are processed in chunks of max_chunk (bounding the unfold/Gram workspace)."""
     named = trainable_parameters(model)
-    out_dtype = result_dtype(model)
+    out_dtype = named[0][1].dtype            # the first trainable parameter's (_checks.result_dtype)
     acc = accumulation_dtype(out_dtype)
     pname = {id(p): n for n, p in named}
     device = named[0][1].device
