@@ -43,7 +43,10 @@ def seed_batched_sq_norms(losses: torch.Tensor, names, params, acc: torch.dtype,
     zero = table.new_zeros(())
 
     def one(i):
-        gs = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+        # the seed as grad_outputs (no select node in the graph per pass)
+        e = losses.new_zeros(B)
+        e[i] = 1
+        gs = torch.autograd.grad(losses, params, grad_outputs=e, retain_graph=True, allow_unused=True)
         # one row per seed (the same per-parameter sums; unused parameters stay 0)
         return torch.stack([zero if g is None else g.to(acc).square().sum() for g in gs])
 
