@@ -51,8 +51,13 @@ def compiled_op(name: str, fake):
     lib, why = load_library()
     if lib is None:
         raise BackendUnavailableError(why)
+    try:
+        packet = getattr(torch.ops.bnmem, name)
+    except (AttributeError, RuntimeError) as exc:   # an extension built from older sources
+        raise BackendUnavailableError(f"the compiled extension bnmem_kernels._C has no op bnmem::{name} (built "
+                                      f"from older sources?); re{_BUILD_HINT}") from exc
     torch.library.register_fake(f"bnmem::{name}")(fake)
-    return getattr(torch.ops.bnmem, name).default
+    return packet.default
 
 
 @functools.lru_cache(maxsize=None)

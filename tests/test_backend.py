@@ -75,3 +75,12 @@ def test_info_runs():
 def test_cli_info():
     out = subprocess.run(["bnmem", "info"], check=True, capture_output=True, text=True).stdout
     assert "bnmem" in out and "ghost_norm_linear" in out
+
+
+def test_op_missing_from_a_stale_extension_says_rebuild():
+    """An extension built from older sources lacks newer ops: a clear BackendUnavailableError, not an
+    AttributeError from torch.ops."""
+    if _backend.load_library()[0] is None:
+        pytest.skip("extension not built")
+    with pytest.raises(_backend.BackendUnavailableError, match="no op bnmem::not_an_op.*rebuild"):
+        _backend.compiled_op("not_an_op", lambda *a: None)
