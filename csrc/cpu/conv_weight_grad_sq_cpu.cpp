@@ -326,26 +326,7 @@ void run(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef ks, at::IntAr
 
 at::Tensor conv_weight_grad_sq_cpu(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size,
                                    at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups) {
-  const char* op = "bnmem::conv_weight_grad_sq";
-  TORCH_CHECK(x.dim() == 4 && g.dim() == 4, op, ": x [B, C_in, Hp, Wp] and grad_out [B, C_out, OH, OW] needed, got ",
-              x.sizes(), " and ", g.sizes());
-  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && dilation.size() == 2, op,
-              ": kernel_size, stride, dilation must have 2 entries each");
-  TORCH_CHECK(x.scalar_type() == g.scalar_type() && at::isFloatingType(x.scalar_type()), op,
-              ": x and grad_out must share one floating dtype, got ", x.scalar_type(), " and ", g.scalar_type());
-  TORCH_CHECK(x.device() == g.device(), op, ": x and grad_out on different devices");
-  TORCH_CHECK(x.size(0) == g.size(0), op, ": x and grad_out must share B, got ", x.sizes(), " and ", g.sizes());
-  for (int d = 0; d < 2; ++d)
-    TORCH_CHECK(kernel_size[d] >= 1 && stride[d] >= 1 && dilation[d] >= 1, op,
-                ": kernel_size, stride, dilation must be positive");
-  TORCH_CHECK(groups >= 1 && x.size(1) >= groups && x.size(1) % groups == 0 && g.size(1) % groups == 0, op,
-              ": groups must divide C_in and C_out, got groups ", groups, ", C_in ", x.size(1), ", C_out ", g.size(1));
-  for (int d = 0; d < 2; ++d) {
-    const int64_t span = dilation[d] * (kernel_size[d] - 1) + 1;
-    TORCH_CHECK(x.size(2 + d) >= span && g.size(2 + d) == (x.size(2 + d) - span) / stride[d] + 1, op,
-                ": grad_out ", g.sizes(), " does not match the conv of x ", x.sizes(), " with kernel_size ",
-                kernel_size, ", stride ", stride, ", dilation ", dilation);
-  }
+  check_conv_weight_grad_sq_inputs(x, g, kernel_size, stride, dilation, groups);
   const int64_t B = x.size(0);
   at::Tensor out = at::empty({B}, x.options().dtype(norm_out_dtype(x.scalar_type())));
   if (B == 0 || g.size(1) == 0) return out.zero_();

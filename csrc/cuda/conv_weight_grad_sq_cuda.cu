@@ -69,26 +69,7 @@ __global__ void sum_parts_kernel(const acc_t* __restrict__ part, acc_t* __restri
 
 at::Tensor conv_weight_grad_sq_cuda(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size,
                                     at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups) {
-  const char* op = "bnmem::conv_weight_grad_sq";
-  TORCH_CHECK(x.dim() == 4 && g.dim() == 4, op, ": x [B, C_in, Hp, Wp] and grad_out [B, C_out, OH, OW] needed, got ",
-              x.sizes(), " and ", g.sizes());
-  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && dilation.size() == 2, op,
-              ": kernel_size, stride, dilation must have 2 entries each");
-  TORCH_CHECK(x.scalar_type() == g.scalar_type() && at::isFloatingType(x.scalar_type()), op,
-              ": x and grad_out must share one floating dtype, got ", x.scalar_type(), " and ", g.scalar_type());
-  TORCH_CHECK(x.device() == g.device(), op, ": x and grad_out on different devices");
-  TORCH_CHECK(x.size(0) == g.size(0), op, ": x and grad_out must share B, got ", x.sizes(), " and ", g.sizes());
-  for (int d = 0; d < 2; ++d)
-    TORCH_CHECK(kernel_size[d] >= 1 && stride[d] >= 1 && dilation[d] >= 1, op,
-                ": kernel_size, stride, dilation must be positive");
-  TORCH_CHECK(groups >= 1 && x.size(1) >= groups && x.size(1) % groups == 0 && g.size(1) % groups == 0, op,
-              ": groups must divide C_in and C_out, got groups ", groups, ", C_in ", x.size(1), ", C_out ", g.size(1));
-  for (int d = 0; d < 2; ++d) {
-    const int64_t span = dilation[d] * (kernel_size[d] - 1) + 1;
-    TORCH_CHECK(x.size(2 + d) >= span && g.size(2 + d) == (x.size(2 + d) - span) / stride[d] + 1, op,
-                ": grad_out ", g.sizes(), " does not match the conv of x ", x.sizes(), " with kernel_size ",
-                kernel_size, ", stride ", stride, ", dilation ", dilation);
-  }
+  check_conv_weight_grad_sq_inputs(x, g, kernel_size, stride, dilation, groups);
   DeviceScope scope(x);
   const int64_t B = x.size(0);
   const auto out_dtype = norm_out_dtype(x.scalar_type());
@@ -101,7 +82,7 @@ at::Tensor conv_weight_grad_sq_cuda(const at::Tensor& x, const at::Tensor& g, at
   for (int d = 0; d < 4; ++d) a.sx[d] = x.stride(d), a.sg[d] = g.stride(d);
   a.n_o = (a.Cog + kTile - 1) / kTile, a.n_k = (a.K + kTile - 1) / kTile;
   const int64_t P = groups * a.n_o * a.n_k;
-  TORCH_CHECK(P <= 65535, op, ": too many (group, tile) blocks per sample (", P, " > 65535)");
+  TORCH_CHECK(P <= 65535, "bnmem::conv_weight_grad_sq: too many (group, tile) blocks per sample (", P, " > 65535)");
   at::Tensor part = at::empty({B, P}, x.options().dtype(out_dtype));
   const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(P));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_weight_grad_sq_cuda", [&] {
