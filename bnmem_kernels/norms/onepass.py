@@ -139,7 +139,7 @@ def norms_from_captures(model, captures, B, *, per_layer, backend, max_chunk=Non
     acc = accumulation_dtype(out_dtype)
     pname = {id(p): n for n, p in named}
     device = named[0][1].device
-    sq = {n: torch.zeros(B, dtype=acc, device=device) for n, _ in named}
+    parts: dict = {n: [] for n, _ in named}     # per parameter: (first sample, last + 1, squared norms)
     seen = {}
     for cap in captures:
         seen[cap.name] = seen.get(cap.name, 0) + 1
@@ -156,7 +156,15 @@ def norms_from_captures(model, captures, B, *, per_layer, backend, max_chunk=Non
             res = cap.rule.sq_norms(cap.module, st, G if (s, e) == (0, B) else G[s:e], backend)
             for ln, v in res.items():
                 if ln in local:
-                    sq[pname[id(local[ln])]][s:e] += v.to(acc)
+                    parts[pname[id(local[ln])]].append((s, e, v.to(acc)))
+    sq = {}
+    for n, got in parts.items():
+        if len(got) == 1 and got[0][:2] == (0, B):
+            sq[n] = got[0][2]                    # one full-batch result (the usual case): no zeros, no add
+        else:
+            sq[n] = torch.zeros(B, dtype=acc, device=device)
+            for s, e, v in got:
+                sq[n][s:e] += v
     if scale != 1.0:
         for v in sq.values():
             v.mul_(scale * scale)
