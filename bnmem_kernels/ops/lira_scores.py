@@ -80,22 +80,24 @@ def check_scores_inputs(conf, keep, conf_name="conf"):
     # so a check of the [M, N] scores finds it at 1/A of the cost): see check_finite_after.
 
 
-def check_finite_after(conf, score, valid, conf_name, what):
-    """Raise for NaN/Inf in conf (found through non-finite valid scores, and in examples with no
-    valid score); warn for other non-finite scores (zero spread among the models)."""
-    bad = valid & ~torch.isfinite(score)
-    dead = ~valid.any(0)  # examples no target can score: their conf does not reach any score
-    if bool(bad.any()) or bool(dead.any()):
-        if not bool(torch.isfinite(conf).all()):
-            raise ValueError(describe_nonfinite(conf, conf_name))
-    extra = int(bad.sum())
+def check_finite_after(conf, score, valid, n_invalid, conf_name, what):
+    """Raise for NaN/Inf in conf (any: every conf value reaches some score, its target's own or other
+    targets' fits); warn for non-finite scores of valid entries (zero spread among the models).
+    `score` holds NaN at every invalid entry (the caller makes sure: masked_fill), `n_invalid` of them,
+    so the valid non-finite scores are counted without forming a mask."""
+    if not bool(torch.isfinite(conf.sum())) and not bool(torch.isfinite(conf).all()):   # sum: one cheap read
+        raise ValueError(describe_nonfinite(conf, conf_name))
+    if n_invalid == 0 and bool(torch.isfinite(score.sum())):   # the usual case, one cheap read
+        return
+    extra = int((~torch.isfinite(score)).sum()) - n_invalid
     if extra:
         warnings.warn(f"{what}: {extra} score(s) are not finite although enough models were present: "
                       f"the models' values coincide (zero spread) for those examples", RuntimeWarning,
                       stacklevel=4)
 
 
-def _warn_or_raise_invalid(valid: torch.Tensor, what: str, why: str):
+def _warn_or_raise_invalid(valid: torch.Tensor, what: str, why: str) -> int:
+    """Raise when no score can be formed; warn with the count of NaN scores otherwise. Returns that count."""
     n_bad = int((~valid).sum())
     if n_bad == valid.numel():
         raise ValueError(f"{what}: no score can be formed ({why}); every example lacks enough models")
@@ -103,6 +105,7 @@ def _warn_or_raise_invalid(valid: torch.Tensor, what: str, why: str):
         n_ex = int((~valid).any(0).sum())
         warnings.warn(f"{what}: {n_bad} of {valid.numel()} scores (in {n_ex} example(s)) are NaN: {why}",
                       RuntimeWarning, stacklevel=4)
+    return n_bad
 
 
 def lira_scores(conf, keep, *, online=True, variance="per_example", center="mean",
@@ -122,7 +125,7 @@ def lira_scores(conf, keep, *, online=True, variance="per_example", center="mean
     if not bool(valid.any()) and not bool(torch.isfinite(conf).all()):
         raise ValueError(describe_nonfinite(conf, "conf"))  # the worse problem first
     need_in, need_out = ref.needed_counts(online, variance)
-    _warn_or_raise_invalid(valid, "lira_scores",
+    n_invalid = _warn_or_raise_invalid(valid, "lira_scores",
                            f"fewer than {need_in} in-model(s) or {need_out} out-model(s) besides the target"
                            + (f", or fewer than {ref.MIN_POOLED} pooled values for the global std"
                               if variance == "global" else "")
@@ -140,7 +143,9 @@ def lira_scores(conf, keep, *, online=True, variance="per_example", center="mean
             score = lira_scores_triton(conf, keep, gstd, online, median, logpdf)
         else:
             score = compiled_op()(conf, keep, gstd, online, median, logpdf)
-    check_finite_after(conf, score, valid, "conf", "lira_scores")
+    if n_invalid:
+        score.masked_fill_(~valid, float("nan"))   # every backend's invalid entries NaN, whatever it wrote there
+    check_finite_after(conf, score, valid, n_invalid, "conf", "lira_scores")
     return score
 
 

@@ -40,11 +40,13 @@ def valid_mask(keep: torch.Tensor, online: bool, variance: str) -> torch.Tensor:
     Without target t, example n has n_in - keep[t, n] in-models and n_out - (1 - keep[t, n])
     out-models, so validity is a per-example pair (t in, t out) picked by keep. O(M N)."""
     M, N = keep.shape
-    n_in = keep.sum(0, dtype=torch.int64)  # [N]
+    n_in = keep.view(torch.uint8).sum(0, dtype=torch.int64)  # [N] (a bool reduction is ~2x slower)
     n_out = M - n_in
     need_in, need_out = needed_counts(online, variance)
-    ok = torch.where(keep, ((n_in - 1 >= need_in) & (n_out >= need_out))[None, :],
-                     ((n_in >= need_in) & (n_out - 1 >= need_out))[None, :])
+    if_in = (n_in - 1 >= need_in) & (n_out >= need_out)     # [N]: valid when the target is an in-model
+    if_out = (n_in >= need_in) & (n_out - 1 >= need_out)    # [N]: ... an out-model
+    # keep ? if_in : if_out, as bool algebra (torch.where on bools broadcast over [M, N] is ~40x slower)
+    ok = if_out[None, :] ^ (keep & (if_in ^ if_out)[None, :])
     if variance == "global":  # values pooled over examples for target t's global std
         own_in = keep.sum(1, dtype=torch.int64)  # [M]
         pooled_in, pooled_out = n_in.sum() - own_in, n_out.sum() - (N - own_in)

@@ -394,3 +394,24 @@ def test_opcheck_triton(backend):
     from bnmem_kernels.ops import logit_confidence as lc
 
     torch.library.opcheck(lc.logit_confidence_triton, (torch.randn(3, 5), torch.randint(0, 5, (3,))))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_zero_spread_warns_and_invalid_entries_are_nan(backend):
+    """An example whose models' confidences all coincide has zero spread: its scores are not finite,
+    with a RuntimeWarning counting them; scores lacking models are NaN (their own warning), and the
+    two counts do not mix."""
+    g = torch.Generator().manual_seed(3)
+    M, N = 6, 4
+    conf = torch.randn(M, N, 1, generator=g, dtype=torch.float64)
+    conf[:, 0] = 0.5                                     # example 0: every model agrees
+    keep = torch.zeros(M, N, dtype=torch.bool)
+    keep[:3] = True                                      # 3 in, 3 out per example
+    keep[:, 3] = torch.tensor([True, False, False, False, False, False])   # example 3: 1 in-model only
+    with pytest.warns(RuntimeWarning) as rec:
+        s = lira.lira_scores(conf, keep, online=True, backend=backend)
+    msgs = [str(w.message) for w in rec]
+    assert any(f"{M} score(s) are not finite" in m and "zero spread" in m for m in msgs), msgs
+    assert any(f"{M} of {M * N} scores (in 1 example(s)) are NaN" in m for m in msgs), msgs
+    assert not torch.isfinite(s[:, 0]).any() and s[:, 3].isnan().all()
+    assert torch.isfinite(s[:, 1:3]).all()
