@@ -76,3 +76,29 @@ def test_exact_on_workers_matches_the_loop_and_one_worker(monkeypatch, path):
     assert ((many - exp).abs() / exp).max() <= 1e-10
     assert ((many - one).abs() / one).max() <= 1e-12
     assert bk.per_sample_grad_norms(model, ce, x, y, mode="exact").shape == (17,)
+
+
+def test_concurrent_calls_restore_the_thread_count():
+    """Two map_passes calls from two user threads at once (their passes overlap in time): torch's
+    thread count comes back to what it was before the first, whichever finishes last."""
+    import time
+
+    if _parallel.pass_workers("cpu") < 2:
+        pytest.skip("one worker: map_passes is a plain loop")
+    old = torch.get_num_threads()
+    results = {}
+
+    def slow(i):
+        time.sleep(0.01)
+        return i
+
+    def caller(k):
+        results[k] = _parallel.map_passes(slow, range(16), "cpu")
+
+    ts = [threading.Thread(target=caller, args=(k,)) for k in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=30)
+    assert results == {0: list(range(16)), 1: list(range(16))}
+    assert torch.get_num_threads() == old
