@@ -27,6 +27,16 @@ def _cuda_sources():
     return sorted(f for f in os.listdir(root) if f.endswith(".cu")) if os.path.isdir(root) else []
 
 
+def _pass_threads():
+    """Worker threads of exact mode's CPU backward passes (norms/_parallel; BNMEM_PASS_THREADS)."""
+    from .norms._parallel import pass_workers
+
+    try:
+        return pass_workers("cpu")
+    except ValueError as exc:   # a bad BNMEM_PASS_THREADS shows here rather than crashing info
+        return f"error: {exc}"
+
+
 def collect() -> dict:
     """Everything `info` prints, as a dict (also written into benchmark and run reports)."""
     lib, why = _backend.load_library()
@@ -46,6 +56,9 @@ def collect() -> dict:
         "extension": "loaded" if lib is not None else f"unavailable: {why}",
         "extension_cuda": bool(lib is not None and lib.built_with_cuda()),
         "extension_openmp_threads": lib.openmp_max_threads() if lib is not None else None,
+        "extension_cpu_simd": (lib.cpu_simd() if hasattr(lib, "cpu_simd") else "unknown (rebuild)")
+        if lib is not None else None,
+        "exact_pass_threads": _pass_threads(),
         "cuda_sources": _cuda_sources(),
         "env_backend": os.environ.get(_backend.ENV_VAR),
         "backends": {d: {b: (_backend.unavailable_reason(b, d) or "available") for b in _backend.BACKENDS}
@@ -67,7 +80,7 @@ def main() -> None:
     print("bnmem_kernels", info["bnmem_kernels"])
     for key in ("python", "platform", "torch", "torch_cuda", "cuda_available", "gpu", "torch_threads",
                 "triton", "triton_interpret", "extension", "extension_cuda", "extension_openmp_threads",
-                "env_backend"):
+                "extension_cpu_simd", "exact_pass_threads", "env_backend"):
         print(f"  {key:26s} {info[key]}")
     print(f"  {'cuda sources':26s} {', '.join(info['cuda_sources']) or '-'}"
           + ("" if info["extension_cuda"] else "  (not compiled into this build)"))

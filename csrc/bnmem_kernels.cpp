@@ -5,6 +5,8 @@
 // bnmem_kernels/ops/<op>.py.
 #include <torch/extension.h>
 
+#include "include/bnmem_common.h"
+
 #include <thread>
 
 #ifdef _OPENMP
@@ -43,6 +45,15 @@ bool built_with_cuda() {
 #endif
 }
 
+// the build of the hand-vectorized CPU loops this process runs (bnmem_common.h: cpu_use_avx2)
+std::string cpu_simd() {
+#ifdef BNMEM_X86_DISPATCH
+  return bnmem::cpu_use_avx2() ? "avx2+fma" : "baseline";
+#else
+  return "baseline";
+#endif
+}
+
 int openmp_max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -56,4 +67,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bnmem compiled kernels; the ops live under torch.ops.bnmem";
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA sources were compiled in");
   m.def("openmp_max_threads", &openmp_max_threads, "OpenMP threads (0: built without OpenMP)");
+  m.def("cpu_simd", &cpu_simd, "the CPU kernels' SIMD build picked at run time (BNMEM_CPU_ISA=baseline forces it)");
 }

@@ -72,6 +72,19 @@ def test_info_runs():
     assert "ghost_norm_linear" in out and "backends:" in out and torch.__version__ in out
 
 
+def test_info_reports_cpu_simd_build_and_pass_threads(monkeypatch):
+    from bnmem_kernels import info
+
+    d = info.collect()
+    if _backend.load_library()[0] is not None:
+        assert d["extension_cpu_simd"] in ("avx2+fma", "baseline")
+        monkeypatch.setenv("BNMEM_CPU_ISA", "baseline")
+        assert info.collect()["extension_cpu_simd"] == "baseline"
+    assert d["exact_pass_threads"] == torch.get_num_threads()
+    monkeypatch.setenv("BNMEM_PASS_THREADS", "0")
+    assert info.collect()["exact_pass_threads"].startswith("error: BNMEM_PASS_THREADS")
+
+
 def test_cli_info():
     out = subprocess.run(["bnmem", "info"], check=True, capture_output=True, text=True).stdout
     assert "bnmem" in out and "ghost_norm_linear" in out
