@@ -300,12 +300,7 @@ void lira_global_std_kernel(const scalar_t* conf, const bool* keep, double* out,
 }
 
 at::Tensor lira_global_std_cpu(const at::Tensor& conf_in, const at::Tensor& keep_in) {
-  TORCH_CHECK(conf_in.dim() == 3, "bnmem::lira_global_std: conf must be [M, N, A], got ", conf_in.sizes());
-  TORCH_CHECK(keep_in.dim() == 2 && keep_in.size(0) == conf_in.size(0) && keep_in.size(1) == conf_in.size(1),
-              "bnmem::lira_global_std: keep must be [M, N] matching conf, got ", keep_in.sizes());
-  TORCH_CHECK(keep_in.scalar_type() == at::kBool, "bnmem::lira_global_std: keep must be bool");
-  TORCH_CHECK(conf_in.scalar_type() == at::kFloat || conf_in.scalar_type() == at::kDouble,
-              "bnmem::lira_global_std: conf must be fp32 or fp64, got ", conf_in.scalar_type());
+  check_lira_inputs(conf_in, keep_in, std::nullopt, "bnmem::lira_global_std");
   const at::Tensor conf = conf_in.contiguous();
   const at::Tensor keep = keep_in.contiguous();
   const int64_t M = conf.size(0), N = conf.size(1), A = conf.size(2);

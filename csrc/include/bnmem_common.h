@@ -73,20 +73,21 @@ inline void check_bn_seeded_inputs(const at::Tensor& xhat, const at::Tensor& sca
               "bnmem::bn_seeded_backward: all inputs must be on one device");
 }
 
-// lira_scores: conf [M, N, A] fp32/fp64, keep [M, N] bool on conf's device; global_std, when given, [2, M, A].
+// lira_scores (and lira_global_std, op names it): conf [M, N, A] fp32/fp64, keep [M, N] bool on conf's
+// device; global_std, when given, [2, M, A].
 inline void check_lira_inputs(const at::Tensor& conf, const at::Tensor& keep,
-                              const std::optional<at::Tensor>& global_std) {
-  TORCH_CHECK(conf.dim() == 3, "bnmem::lira_scores: conf must be [M, N, A], got ", conf.sizes());
+                              const std::optional<at::Tensor>& global_std, const char* op = "bnmem::lira_scores") {
+  TORCH_CHECK(conf.dim() == 3, op, ": conf must be [M, N, A], got ", conf.sizes());
   TORCH_CHECK(keep.dim() == 2 && keep.size(0) == conf.size(0) && keep.size(1) == conf.size(1),
-              "bnmem::lira_scores: keep must be [M, N] matching conf, got ", keep.sizes());
-  TORCH_CHECK(keep.scalar_type() == at::kBool, "bnmem::lira_scores: keep must be bool");
+              op, ": keep must be [M, N] matching conf, got ", keep.sizes());
+  TORCH_CHECK(keep.scalar_type() == at::kBool, op, ": keep must be bool");
   TORCH_CHECK(conf.scalar_type() == at::kFloat || conf.scalar_type() == at::kDouble,
-              "bnmem::lira_scores: conf must be fp32 or fp64, got ", conf.scalar_type());
-  TORCH_CHECK(keep.device() == conf.device(), "bnmem::lira_scores: conf and keep on different devices");
+              op, ": conf must be fp32 or fp64, got ", conf.scalar_type());
+  TORCH_CHECK(keep.device() == conf.device(), op, ": conf and keep on different devices");
   if (global_std.has_value())
     TORCH_CHECK(global_std->dim() == 3 && global_std->size(0) == 2 && global_std->size(1) == conf.size(0) &&
                     global_std->size(2) == conf.size(2),
-                "bnmem::lira_scores: global_std must be [2, M, A], got ", global_std->sizes());
+                op, ": global_std must be [2, M, A], got ", global_std->sizes());
 }
 
 // conv_weight_grad_sq: x [B, C_in, Hp, Wp] (already padded), g [B, C_out, OH, OW] of one floating dtype on
