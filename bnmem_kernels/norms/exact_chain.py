@@ -1,0 +1,713 @@
+"""Exact per-sample gradients of sequential networks by a hand-written, seed-batched backward.
+
+For a model that is an nn.Sequential chain of known layers (Conv2d, Linear, BatchNorm1d/2d in train
+mode, elementwise activations, dropout, max/avg/adaptive-avg pooling, Flatten), the backward of one
+sample's loss l_i through the whole batch splits, at every level, into two parts (MATH.md, "BN's
+coupling, exactly"):
+
+- the *diagonal* part, living on sample i only: f_i, the gradient with BatchNorm statistics held
+  fixed. For all i at once it is one ordinary backward of the batch (row i = seed i).
+- the *coupling* part, spread over the whole batch: every train-mode BatchNorm turns the gradient
+  dy arriving at its output into (gamma/sigma) dy plus a per-channel affine term -(gamma/sigma)(a + b xhat),
+  a = mean(dy), b = mean(dy xhat). Below it, that term is carried per seed, for chunks of seeds.
+
+The coupling part is carried in three forms, so that no step does more work than its structure needs:
+- affine (alpha, beta per seed and channel, at a BatchNorm's input): the Conv/Linear beneath takes
+  it in closed form: weight gradient alpha (x) sum U + beta * (xhat-weighted sum U) (one GEMM shared by
+  all seeds), input gradient alpha . P + beta . Q with P, Q the 2C basis directions of that layer's
+  transposed convolution (computed once, one grouped transposed convolution);
+- pooled (after a non-overlapping max pool, K x K windows): the gradient lives on the window maxima
+  only, one pooled-resolution tensor per window offset; a Conv beneath takes it with K^2 strided
+  weight-gradient GEMMs and transposed convolutions of 1/K^2 the size (4x fewer MACs for 2 x 2 pools);
+- dense: [chunk, B, *shape], through every layer's own batched backward.
+
+Same numbers as the autograd loop (to rounding); the model is not modified (the forward calls each
+layer as model(x) would, BatchNorm through F.batch_norm without running statistics). `chain_layers`
+says whether a model is such a chain (ChainUnsupported otherwise, and the caller takes another path);
+`chain_sq_norms` computes {name: [B] squared norms}.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
+                nn.Softplus, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Tanhshrink, nn.Softsign,
+                nn.LogSigmoid, nn.Identity)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_LINEAR_OPS = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_LOSS_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+class ChainUnsupported(Exception):
+    """The model is not a chain this engine models exactly; the message says why."""
+
+
+def _kind(m) -> str:
+    t = type(m)
+    if t is nn.Conv2d:
+        if m.padding_mode != "zeros":
+            raise ChainUnsupported(f"Conv2d with padding_mode={m.padding_mode!r}")
+        if isinstance(m.padding, str) and m.padding != "valid":
+            raise ChainUnsupported(f"Conv2d with padding={m.padding!r}")
+        return "conv"
+    if t is nn.Linear:
+        return "linear"
+    if t in _BN:
+        return "bn"
+    if t in _ELEMENTWISE:
+        return "ew"
+    if t in _DROPOUTS:
+        return "dropout"
+    if t is nn.MaxPool2d or t is nn.MaxPool1d or t is nn.AdaptiveMaxPool2d or t is nn.AdaptiveMaxPool1d:
+        if getattr(m, "return_indices", False):
+            raise ChainUnsupported(f"{t.__name__} with return_indices=True")
+        return "maxpool"
+    if t in _LINEAR_OPS:
+        return "linop"
+    raise ChainUnsupported(f"layer {t.__name__} is not one the chain engine models")
+
+
+def chain_layers(model) -> list:
+    """[(module, kind)] of an nn.Sequential chain (nested plain Sequentials flattened); raises
+    ChainUnsupported for anything else (another container, a subclass with its own forward, an
+    unknown layer, a module used twice)."""
+    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
+        raise ChainUnsupported("the model is not an nn.Sequential")
+    out, seen = [], set()
+
+    def walk(seq):
+        for m in seq:
+            if isinstance(m, nn.Sequential):
+                if type(m).forward is not nn.Sequential.forward:
+                    raise ChainUnsupported(f"{type(m).__name__} overrides Sequential.forward")
+                walk(m)
+                continue
+            if id(m) in seen and any(p.requires_grad for p in m.parameters(recurse=False)):
+                raise ChainUnsupported(f"{type(m).__name__} is used twice (shared parameters)")
+            seen.add(id(m))
+            out.append((m, _kind(m)))
+    walk(model)
+    if not any(k == "bn" for _, k in out):
+        raise ChainUnsupported("no BatchNorm (nothing couples samples)")
+    return out
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _own_params(m, index):
+    """[(slot name, parameter index)] of m's trainable parameters."""
+    return [(s, index[id(p)]) for s, p in (("weight", getattr(m, "weight", None)), ("bias", getattr(m, "bias", None)))
+            if isinstance(p, torch.Tensor) and id(p) in index]
+
+
+class _Arena:
+    """The large buffers of one call (workspaces, unfolded inputs, gathered rows, bases), drawn from a
+    pool kept between calls, one per thread, and handed back at the end of the call.
+
+    Why: a fresh large allocation is first-touched page by page (~1.8 us per 4 KiB page on the VMs
+    measured, i.e. ~0.45 ms per MB), and glibc returns a call's freed memory to the OS, so without the
+    pool every call pays for its whole footprint again (~50 MB, ~25 ms, on the bench CNN at B = 64).
+    The pool keeps at most BNMEM_EXACT_POOL_MB (default 256) MiB; 0 disables it;
+    `release_workspaces()` empties it."""
+
+    _free: dict = {}            # (thread id, shape, dtype, device) -> [tensors]
+    _bytes = 0
+    _lock = threading.Lock()
+
+    def __init__(self):
+        self.held: list = []
+
+    @staticmethod
+    def limit() -> int:
+        env = os.environ.get("BNMEM_EXACT_POOL_MB", "256")
+        try:
+            mb = float(env)
+        except ValueError:
+            raise ValueError(f"BNMEM_EXACT_POOL_MB must be a number of MiB >= 0, got {env!r}") from None
+        return int(max(mb, 0.0) * 2**20)
+
+    def empty(self, shape, dtype, device):
+        key = (threading.get_ident(), tuple(shape), dtype, torch.device(device))
+        with _Arena._lock:
+            lst = _Arena._free.get(key)
+            t = lst.pop() if lst else None
+            if t is not None:
+                _Arena._bytes -= t.numel() * t.element_size()
+        if t is None:
+            t = torch.empty(shape, dtype=dtype, device=device)
+        self.held.append((key, t))
+        return t
+
+    def release(self):
+        limit = self.limit()
+        with _Arena._lock:
+            for key, t in self.held:
+                nb = t.numel() * t.element_size()
+                if _Arena._bytes + nb <= limit:
+                    _Arena._free.setdefault(key, []).append(t)
+                    _Arena._bytes += nb
+        self.held = []
+
+
+def release_workspaces() -> int:
+    """Free the buffers exact mode's chain engine keeps between calls; returns the bytes released."""
+    with _Arena._lock:
+        nb, _Arena._bytes = _Arena._bytes, 0
+        _Arena._free.clear()
+    return nb
+
+
+def _workspace(r, key, shape, like):
+    """A buffer of `shape` for this record, kept across the chunks of one call, one per thread (the
+    first chunk is the largest; later ones get a leading slice)."""
+    key = (key, threading.get_ident())
+    buf = r.cache.get(key)
+    if buf is None or buf.shape[1:] != tuple(shape[1:]) or buf.shape[0] < shape[0]:
+        buf = r.cache[key] = r.arena.empty(shape, like.dtype, like.device)
+    return buf[:shape[0]]
+
+
+class _Rec:
+    """What the forward of one layer leaves for the backward."""
+
+    def __init__(self, m, kind, x, y, arena):
+        self.m, self.kind, self.x, self.y, self.arena = m, kind, x, y, arena
+        self.params: list = []
+        self.diag_out = None        # the diagonal part's gradient at the output (param layers)
+        self.cache: dict = {}
+
+
+class _Pooled:
+    """A gradient that lives on the maxima of a max pool: vals [C, n, B, P] (channel-major, so that the
+    per-channel GEMMs and sums read it contiguously) at the flat input positions idx [B, C, P] (the same
+    for every seed) of a pool input with `numel` positions per channel."""
+
+    def __init__(self, vals, idx, numel):
+        self.vals, self.idx, self.numel = vals, idx, numel
+
+    def gather(self, t):
+        """t [B, C, *spatial] at the maxima, as [C, 1, B, P] (broadcasts against vals)."""
+        g = t.reshape(t.shape[0], t.shape[1], -1).gather(2, self.idx)
+        return g.permute(1, 0, 2).unsqueeze(1).contiguous()
+
+    def sums(self, w=None):
+        """[n, C]: sum over samples and maxima of vals (weighted by w [C, 1, B, P])."""
+        v = self.vals if w is None else self.vals * w
+        return v.sum((2, 3)).t()
+
+    def scatter_into(self, D):
+        """D [n, B, C, numel] += vals at their positions (in place)."""
+        C, n, B, P = self.vals.shape
+        D.permute(2, 0, 1, 3).scatter_add_(3, self.idx.permute(1, 0, 2).unsqueeze(1).expand(C, n, B, P), self.vals)
+
+    def scale_(self, f):
+        """vals *= f in place (the engine owns vals)."""
+        self.vals.mul_(f)
+        return self
+
+
+class _Grad:
+    """The coupling part of n seeds' gradients at one tensor of the chain: dense [n, B, *shape] and/or
+    pooled and/or affine (alpha, beta [n, C] with the BatchNorm's xhat [B, C, *spatial])."""
+
+    def __init__(self, dense=None, pooled=None, affine=None):
+        self.dense, self.pooled, self.affine = dense, pooled, affine
+
+    def empty(self):
+        return self.dense is None and self.pooled is None and self.affine is None
+
+    def materialize(self, n, shape, dtype, device, out=None):
+        """Everything as one dense tensor [n, *shape] (shape includes B), written into `out` if given."""
+        D = self.dense
+        if out is None:
+            if self.affine is None and self.pooled is None:
+                return D
+            out = torch.empty((n,) + tuple(shape), dtype=dtype, device=device)
+        if self.affine is not None:
+            alpha, beta, xhat = self.affine
+            v = [n, 1, alpha.shape[1]] + [1] * (xhat.dim() - 2)
+            torch.mul(xhat.unsqueeze(0), beta.view(v), out=out).add_(alpha.view(v))
+            if D is not None:
+                out.add_(D)
+        elif D is not None:
+            out.copy_(D)
+        else:
+            out.zero_()
+        if self.pooled is not None:
+            self.pooled.scatter_into(out.view(n, shape[0], shape[1], -1))
+        return out
+
+
+def _forward(layers, x, index, arena):
+    """Run the chain on the batch as model(x) would (BatchNorm: batch statistics, running statistics
+    untouched); one record per layer."""
+    recs = []
+    with torch.no_grad():
+        for m, kind in layers:
+            r = _Rec(m, kind, x, None, arena)
+            r.params = _own_params(m, index)
+            if kind == "bn":
+                if x.dim() not in (2, 3, 4):
+                    raise ChainUnsupported(f"{type(m).__name__} on a {x.dim()}-d input")
+                if not (m.training or m.running_mean is None):
+                    raise ChainUnsupported(f"{type(m).__name__} in eval mode")
+                if x.numel() // x.shape[1] <= 1:
+                    raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+                # torch's own train-mode kernel (the loop's forward), which also returns its statistics
+                y, mean, invstd = torch.native_batch_norm(x, m.weight, m.bias, None, None, True, 0.0, m.eps)
+                v = [1, -1] + [1] * (x.dim() - 2)
+                r.xhat = torch.addcmul((-mean * invstd).view(v), x, invstd.view(v))
+                r.scale = invstd if m.weight is None else m.weight.detach() * invstd
+                r.M = x.numel() // x.shape[1]
+            elif kind == "dropout":
+                r.d = m(torch.ones_like(x)) if m.training else None   # the mask the forward draws, scaled
+                y = x if r.d is None else x * r.d
+            elif kind == "ew" and type(m) is nn.ReLU:
+                y = torch.relu(x)
+                r.d = (y > 0).to(x.dtype)            # torch's ReLU backward: the gradient where output > 0
+            elif kind == "ew":
+                with torch.enable_grad():
+                    xr = x.detach().requires_grad_(True)
+                    yr = m(xr.clone() if getattr(m, "inplace", False) else xr)
+                    r.d = torch.autograd.grad(yr, xr, torch.ones_like(yr))[0] if type(m) is not nn.Identity else None
+                y = yr.detach()
+            elif kind == "maxpool":
+                t = type(m)
+                if t is nn.MaxPool2d:
+                    y, idx = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode,
+                                          return_indices=True)
+                elif t is nn.MaxPool1d:
+                    y, idx = F.max_pool1d(x, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode,
+                                          return_indices=True)
+                elif t is nn.AdaptiveMaxPool2d:
+                    y, idx = F.adaptive_max_pool2d(x, m.output_size, return_indices=True)
+                else:
+                    y, idx = F.adaptive_max_pool1d(x, m.output_size, return_indices=True)
+                r.idx = idx.reshape(idx.shape[0], idx.shape[1], -1)
+            elif kind == "conv":
+                if x.dim() != 4:
+                    raise ChainUnsupported(f"Conv2d on a {x.dim()}-d input")
+                y = m(x)
+            elif kind == "linear":
+                if x.dim() != 2:
+                    raise ChainUnsupported(f"Linear on a {x.dim()}-d input (only [B, features])")
+                y = m(x)
+            else:
+                y = m(x)
+            r.y = y
+            recs.append(r)
+            x = y
+    return recs, x
+
+
+# ----------------------------------------------------------------------------------------------
+# sample-wise layers on a batch of n seeds: g [n, B, *out] -> [n, B, *in]
+
+def _samplewise_back(r, g):
+    n, B = g.shape[:2]
+    if r.kind in ("ew", "dropout"):
+        return g if r.d is None else g * r.d
+    if r.kind == "maxpool":
+        x = r.x
+        flat = g.reshape(n * B, x.shape[1], -1)
+        idx = r.idx.unsqueeze(0).expand(n, B, x.shape[1], flat.shape[-1]).reshape(flat.shape)
+        out = torch.zeros(n * B, x.shape[1], x[0, 0].numel(), dtype=g.dtype, device=g.device)
+        out.scatter_add_(2, idx, flat)
+        return out.view(n, *x.shape)
+    if r.kind == "linop":
+        if type(r.m) is nn.Flatten:
+            return g.reshape(n, *r.x.shape)
+        with torch.enable_grad():
+            z = torch.zeros((n * B,) + tuple(r.x.shape[1:]), dtype=g.dtype, device=g.device, requires_grad=True)
+            out = r.m(z)
+            return torch.autograd.grad(out, z, g.reshape(out.shape))[0].view(n, *r.x.shape)
+    raise AssertionError(r.kind)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conv2d / Linear: weight gradients and input gradients of the three forms
+
+class _ConvGeom:
+    def __init__(self, r):
+        m = r.m
+        self.k = _pair(m.kernel_size)
+        self.s = _pair(m.stride)
+        self.p = (0, 0) if isinstance(m.padding, str) else _pair(m.padding)
+        self.dil = _pair(m.dilation)
+        self.g = m.groups
+        self.W = m.weight.detach()
+        B, I, H, W_ = r.x.shape
+        self.B, self.I, self.H, self.Wd = B, I, H, W_
+        self.O, self.Ho, self.Wo = r.y.shape[1], r.y.shape[2], r.y.shape[3]
+        self.r = (I // self.g) * self.k[0] * self.k[1]
+
+
+def _conv_Ut(r):
+    """The unfolded input as [g, B * L, r] (L = output positions; the rows of every GEMM with it), cached."""
+    if "Ut" not in r.cache:
+        c = r.cache.setdefault("geom", _ConvGeom(r))
+        U = r.arena.empty((c.B, c.g * c.r, c.Ho * c.Wo), c.W.dtype, c.W.device)
+        torch.ops.aten.im2col.out(r.x, list(c.k), list(c.dil), list(c.p), list(c.s), out=U)
+        Ut = r.arena.empty((c.g, c.B * c.Ho * c.Wo, c.r), c.W.dtype, c.W.device)
+        Ut.view(c.g, c.B, c.Ho * c.Wo, c.r).copy_(U.view(c.B, c.g, c.r, -1).permute(1, 0, 3, 2))
+        r.cache["Ut"] = Ut
+    return r.cache["Ut"]
+
+
+def _conv_wgrad(r, D):
+    """sum over samples and positions: D [n, B, O, Ho, Wo] -> [n, O, r]."""
+    c = r.cache["geom"]
+    n = D.shape[0]
+    Og = c.O // c.g
+    Dm = D.reshape(n, c.B, c.g, Og, -1).permute(2, 0, 3, 1, 4).reshape(c.g, n * Og, -1)
+    G = torch.bmm(Dm, _conv_Ut(r))                             # [g, n * Og, r]
+    return G.view(c.g, n, Og, c.r).transpose(0, 1).reshape(n, c.O, c.r)
+
+
+def _conv_pooled_wgrad(r, pooled):
+    """The weight gradient of a pooled gradient: per output channel o, the unfolded input at o's maxima
+    only (gathered once, [O, B P, r]) -> [n, O, r]; 1/K^2 of the dense GEMM's work for K x K pools."""
+    c = r.cache["geom"]
+    vals = pooled.vals
+    O, n, B, P = vals.shape
+    key = ("Ug", id(pooled.idx))
+    if key not in r.cache:
+        # rows of the unfolded input [g B L, r] at every (o, b, p)'s maximum: one row gather
+        L = c.Ho * c.Wo
+        Og = O // c.g
+        base = (torch.arange(c.g, device=vals.device).view(1, c.g, 1, 1) * (B * L)
+                + torch.arange(B, device=vals.device).view(B, 1, 1, 1) * L)
+        flat = (pooled.idx.view(B, c.g, Og, P) + base).permute(1, 2, 0, 3).reshape(-1)
+        Ug = r.arena.empty((O * B * P, c.r), vals.dtype, vals.device)
+        torch.index_select(_conv_Ut(r).reshape(-1, c.r), 0, flat, out=Ug)
+        r.cache[key] = Ug.view(O, B * P, c.r)
+    return torch.bmm(vals.view(O, n, B * P), r.cache[key]).transpose(0, 1)   # [n, O, r]
+
+
+def _conv_affine_terms(r, xhat):
+    """(r1 [r], Rz [O, r], sum xhat [O]) for the closed form of an affine gradient (groups = 1)."""
+    if "aff" not in r.cache:
+        c = r.cache["geom"]
+        Ut = _conv_Ut(r)[0]                                     # [B L, r]
+        r1 = Ut.sum(0)
+        Xh = xhat.reshape(c.B, c.O, -1).transpose(0, 1).reshape(c.O, -1)
+        r.cache["aff"] = (r1, Xh @ Ut, Xh.sum(1))
+    return r.cache["aff"]
+
+
+def _conv_input_grad(c, D, out=None):
+    """Input gradient of the conv for output gradients D [N, O, Ho, Wo]: one transposed convolution
+    (mkldnn's deconvolution runs ~2x faster than convolution_backward's input gradient on CPU),
+    written into `out` if given."""
+    op = []
+    for a in range(2):
+        size = (c.Ho if a == 0 else c.Wo) - 1
+        full = size * c.s[a] - 2 * c.p[a] + c.dil[a] * (c.k[a] - 1) + 1
+        op.append((c.H if a == 0 else c.Wd) - full)
+    if out is None:
+        return F.conv_transpose2d(D, c.W, None, c.s, c.p, tuple(op), c.g, c.dil)
+    return torch.ops.aten.convolution.out(D, c.W, None, list(c.s), list(c.p), list(c.dil), True, op, c.g, out=out)
+
+
+_BASIS_NUMEL = 2**24
+
+
+def _conv_basis(r, xhat):
+    """(P [O, I H W], Qt [O, B I H W]): the input gradients of the per-channel directions 1 and xhat
+    (groups = 1), for a gradient that is affine only (under the top BatchNorm): then every seed's input
+    gradient is alpha @ P + beta @ Qt, a GEMM of O-long rows instead of a transposed convolution per
+    seed. None where that is not cheaper or Q would be too large. Q is built one output channel at a
+    time (O small transposed convolutions; a grouped one is ~10x slower on CPU)."""
+    if "basis" not in r.cache:
+        c = r.cache["geom"]
+        cheaper = c.H * c.Wd * 2 <= c.Ho * c.Wo * c.k[0] * c.k[1]
+        if c.g != 1 or not cheaper or c.O > 512 or c.O * c.B * c.I * c.H * c.Wd > _BASIS_NUMEL:
+            r.cache["basis"] = None
+        else:
+            W = c.W
+            eye = torch.eye(c.O, dtype=W.dtype, device=W.device).view(c.O, c.O, 1, 1).expand(c.O, c.O, c.Ho, c.Wo)
+            P = _conv_input_grad(c, eye.contiguous())
+            Q = r.arena.empty((c.O, c.B, c.I, c.H, c.Wd), W.dtype, W.device)
+            sub = _ConvGeom.__new__(_ConvGeom)
+            sub.__dict__.update(c.__dict__)
+            for o in range(c.O):
+                sub.W = W[o:o + 1]
+                Q[o] = _conv_input_grad(sub, xhat[:, o:o + 1])
+            r.cache["basis"] = (P.reshape(c.O, -1), Q.view(c.O, -1))
+    return r.cache["basis"]
+
+
+def _conv_back(r, G, n, need_input, want_bias=True):
+    """(weight grad [n, O, I/g, kh, kw] or None, bias grad [n, O] or None, _Grad at the input or None).
+    Weight gradient: each form by its cheapest route (dense: one GEMM; pooled: the rows at the maxima
+    only; affine: closed form). Input gradient: from the basis directions when the gradient is affine
+    only, else one transposed convolution of the materialized gradient."""
+    c = r.cache.setdefault("geom", _ConvGeom(r))
+    shape = (c.B, c.O, c.Ho, c.Wo)
+    want_w = any(s == "weight" for s, _ in r.params)
+    want_b = want_bias and any(s == "bias" for s, _ in r.params)
+    if G.affine is not None and c.g != 1:
+        G = _Grad(G.materialize(n, shape, c.W.dtype, c.W.device))   # the closed forms are for groups = 1
+    wg = bg = None
+
+    def add(a, b):
+        return b if a is None else a + b
+    if G.dense is not None:
+        if want_w:
+            wg = add(wg, _conv_wgrad(r, G.dense))
+        if want_b:
+            bg = add(bg, G.dense.sum((1, 3, 4)))
+    if G.pooled is not None:
+        if want_w:
+            wg = add(wg, _conv_pooled_wgrad(r, G.pooled))
+        if want_b:
+            bg = add(bg, G.pooled.sums())
+    if G.affine is not None:
+        alpha, beta, xhat = G.affine
+        if want_w or want_b:
+            r1, Rz, sx = _conv_affine_terms(r, xhat)
+            if want_w:
+                wg = add(wg, alpha.unsqueeze(2) * r1 + beta.unsqueeze(2) * Rz)
+            if want_b:
+                bg = add(bg, alpha * (c.B * c.Ho * c.Wo) + beta * sx)
+    if wg is not None:
+        wg = wg.view(n, *c.W.shape)
+    if not need_input:
+        return wg, bg, None
+    out = _workspace(r, "ws_in", (n * c.B, c.I, c.H, c.Wd), c.W)
+    if G.dense is None and G.pooled is None and _conv_basis(r, G.affine[2]) is not None:
+        # affine only (under the top BatchNorm): the input gradient from the 2C basis directions
+        alpha, beta, _ = G.affine
+        P, Qt = _conv_basis(r, G.affine[2])
+        D = torch.mm(beta, Qt, out=out.view(n, -1)).view(n, c.B, c.I, c.H, c.Wd)
+        return wg, bg, _Grad(D.add_((alpha @ P).view(n, 1, c.I, c.H, c.Wd)))
+    # every form scattered/expanded to full resolution, then one transposed convolution
+    D = G.materialize(n, shape, c.W.dtype, c.W.device, out=_workspace(r, "ws_out", (n,) + shape, c.W))
+    D = _conv_input_grad(c, D.view(n * c.B, *shape[1:]), out=out).view(n, c.B, c.I, c.H, c.Wd)
+    return wg, bg, _Grad(D)
+
+
+def _linear_back(r, G, n, need_input, want_bias=True):
+    m = r.m
+    W = m.weight.detach()
+    D = G.materialize(n, tuple(r.y.shape), W.dtype, W.device)
+    wg = torch.matmul(D.transpose(1, 2), r.x) if any(s == "weight" for s, _ in r.params) else None
+    bg = D.sum(1) if want_bias and any(s == "bias" for s, _ in r.params) else None
+    return wg, bg, (_Grad(D @ W) if need_input else None)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _bn_sums(r, G, n):
+    """(sum dy, sum dy xhat) per seed and channel [n, C] of a coupling gradient at the BN output."""
+    s1 = s2 = None
+    if G.dense is not None:
+        D = G.dense
+        red = [1] + list(range(3, D.dim()))
+        s1 = D.sum(red)
+        s2 = (D * r.xhat.unsqueeze(0)).sum(red)
+    if G.pooled is not None:
+        key = ("xhat_g", id(G.pooled.idx))
+        if key not in r.cache:
+            r.cache[key] = G.pooled.gather(r.xhat)
+        a, b = G.pooled.sums(), G.pooled.sums(r.cache[key])
+        s1 = a if s1 is None else s1 + a
+        s2 = b if s2 is None else s2 + b
+    return s1, s2
+
+
+def _diag_backward(recs, dout, need_below):
+    """The diagonal part for all B seeds at once (row j = seed j): one backward of the batch with the
+    BatchNorm statistics held fixed. Stores, per parameter layer, the gradient at its output, and per
+    BatchNorm the per-seed sums (sum dy, sum dy xhat) [B, C] that spawn the coupling part."""
+    g = dout.unsqueeze(0)                                     # [1, B, *out]
+    for k in range(len(recs) - 1, -1, -1):
+        r = recs[k]
+        if r.params or r.kind == "bn":
+            r.diag_out = g[0]
+        if r.kind == "bn":
+            dy = g[0]
+            sp = list(range(2, dy.dim()))
+            r.diag_s1 = dy.sum(sp) if sp else dy.clone()
+            r.diag_s2 = (dy * r.xhat).sum(sp) if sp else dy * r.xhat
+        if not need_below[k]:
+            break
+        if r.kind == "bn":
+            v = [1, 1, -1] + [1] * (g.dim() - 3)
+            g = g * r.scale.view(v)
+        elif r.kind == "conv":
+            c = r.cache.setdefault("geom", _ConvGeom(r))
+            g = _conv_input_grad(c, g[0]).unsqueeze(0)
+        elif r.kind == "linear":
+            g = g @ r.m.weight.detach()
+        else:
+            g = _samplewise_back(r, g)
+
+
+def _per_sample_wgrad(r, rows):
+    """The diagonal part's own parameter gradients for seeds `rows`: {slot: [c, *p.shape]}."""
+    out = {}
+    sl = slice(rows[0], rows[-1] + 1)          # rows: a contiguous range of seeds
+    D = r.diag_out[sl]
+    slots = {s for s, _ in r.params}
+    if r.kind == "conv":
+        Ut = _conv_Ut(r)
+        c = r.cache["geom"]
+        n, Og = len(rows), c.O // c.g
+        if "weight" in slots:
+            Ur = Ut.view(c.g, c.B, -1, c.r)[:, sl].transpose(0, 1)      # [c, g, L, r]
+            out["weight"] = torch.matmul(D.reshape(n, c.g, Og, -1), Ur).reshape(n, *c.W.shape)
+        if "bias" in slots:
+            out["bias"] = D.sum((2, 3))
+    elif r.kind == "linear":
+        if "weight" in slots:
+            out["weight"] = D.unsqueeze(2) * r.x[sl].unsqueeze(1)
+        if "bias" in slots:
+            out["bias"] = D
+    elif r.kind == "bn":
+        # the BN's own affine parameters: sum_t dy xhat and sum_t dy of the diagonal part
+        if "weight" in slots:
+            out["weight"] = r.diag_s2[sl]
+        if "bias" in slots:
+            out["bias"] = r.diag_s1[sl]
+    return out
+
+
+def chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk):
+    """({name: [B] squared exact per-sample gradient norms}, info) for the chain `layers` (chain_layers).
+    Raises ChainUnsupported when the loss is not per sample (the caller takes another path)."""
+    dt = params[0].dtype
+    if targets is not None and not isinstance(targets, torch.Tensor):
+        raise ChainUnsupported(f"targets of type {type(targets).__name__} cannot be split per sample")
+    if dt not in (torch.float32, torch.float64) or x.dtype != dt:
+        raise ChainUnsupported(f"dtype {dt} (the chain engine runs fp32 and fp64 models)")
+    index = {id(p): q for q, p in enumerate(params)}
+    arena = _Arena()
+    try:
+        return _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, index, arena)
+    finally:
+        arena.release()
+
+
+def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, index, arena):
+    from torch.func import grad, vmap
+
+    dt = params[0].dtype
+    recs, out = _forward(layers, x, index, arena)
+    # per-sample losses and their gradients at the network output (the loss must be per sample)
+    with torch.enable_grad():
+        o = out.detach().requires_grad_(True)
+        losses = loss_fn(o, targets)
+    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (B,) or not losses.requires_grad:
+        return None, {"losses": losses}         # the caller's check_losses reports it
+
+    def one(oi, ti):
+        li = loss_fn(oi.unsqueeze(0), None if ti is None else ti.unsqueeze(0)).reshape(())
+        return li, li.detach()
+    try:
+        dout, l2 = vmap(grad(one, has_aux=True), in_dims=(0, None if targets is None else 0))(out, targets)
+    except Exception as exc:   # no vmap rule in the loss
+        raise ChainUnsupported(f"per-sample loss under vmap failed: {type(exc).__name__}: {exc}") from exc
+    l1 = losses.detach()
+    lscale = l1.abs().mean() + torch.finfo(l1.dtype).tiny
+    if not bool(((l2 - l1).abs() <= _LOSS_RTOL[dt] * (l1.abs() + lscale)).all()):
+        raise ChainUnsupported("loss_fn couples the samples (per-sample losses differ from the batch's)")
+
+    K = len(recs)
+    has_params = [bool(r.params) for r in recs]
+    need_below = [any(has_params[:k]) for k in range(K)]      # input gradient of layer k needed
+    _diag_backward(recs, dout, need_below)
+    bns = [k for k, r in enumerate(recs) if r.kind == "bn"]
+    top = bns[-1]
+    # a bias whose output feeds a train-mode BatchNorm directly: exactly zero (BN removes shifts)
+    zero_bias = [k + 1 < K and recs[k + 1].kind == "bn" and r.kind in ("conv", "linear") for k, r in enumerate(recs)]
+    zero = [names[q] for k, r in enumerate(recs) if zero_bias[k] for s, q in r.params if s == "bias"]
+
+    sq = {n: torch.zeros(B, dtype=acc, device=x.device) for n in names}
+
+    def one_chunk(rows):
+        start = rows[0]
+        rows = list(range(start, min(B, start + chunk)))
+        n = len(rows)
+        grads: dict = {}
+
+        def acc_grad(q, g):
+            grads[q] = g if q not in grads else grads[q] + g
+        G = _Grad()
+        for k in range(K - 1, -1, -1):
+            r = recs[k]
+            if r.params:
+                for s, g in _per_sample_wgrad(r, rows).items():
+                    acc_grad(dict(r.params)[s], g)
+            if k > top:
+                continue                                     # above the top BN: the diagonal part only
+            if r.kind == "bn":
+                e1, e2 = _bn_sums(r, G, n)               # the coupling part's sums (None above the top BN)
+                s1, s2 = r.diag_s1[start:start + n], r.diag_s2[start:start + n]
+                slots = dict(r.params)
+                if e1 is not None:
+                    if "weight" in slots:
+                        acc_grad(slots["weight"], e2)
+                    if "bias" in slots:
+                        acc_grad(slots["bias"], e1)
+                    s1, s2 = s1 + e1, s2 + e2
+                if not need_below[k]:
+                    break
+                sc = r.scale
+                v = [1, 1, -1] + [1] * (r.x.dim() - 2)
+                dense = None if G.dense is None else G.dense * sc.view(v)
+                pooled = None if G.pooled is None else G.pooled.scale_(sc.view(-1, 1, 1, 1))
+                alpha, beta = -(sc / r.M) * s1, -(sc / r.M) * s2
+                G = _Grad(dense, pooled, (alpha, beta, r.xhat))
+                continue
+            if r.kind in ("conv", "linear"):
+                back = _conv_back if r.kind == "conv" else _linear_back
+                wg, bg, G = back(r, G, n, need_below[k], want_bias=not zero_bias[k])
+                slots = dict(r.params)
+                if wg is not None:
+                    acc_grad(slots["weight"], wg)
+                if bg is not None:
+                    acc_grad(slots["bias"], bg)
+                if not need_below[k]:
+                    break
+                continue
+            if not need_below[k]:
+                break
+            # sample-wise layers: a max pool starts a pooled form (the gradient on its maxima), which the
+            # elementwise layers beneath keep (their derivative at the maxima); else dense
+            if r.kind == "maxpool" and r.x.dim() in (3, 4) and G.pooled is None and G.affine is None \
+                    and G.dense is not None:
+                vals = _workspace(r, "ws_vals", (r.idx.shape[1], n) + tuple(r.idx.shape[::2]), G.dense)
+                vals.copy_(G.dense.reshape(n, *r.idx.shape).permute(2, 0, 1, 3))
+                G = _Grad(pooled=_Pooled(vals, r.idx, r.x[0, 0].numel()))
+                continue
+            if r.kind in ("ew", "dropout") and G.dense is None and G.affine is None and G.pooled is not None:
+                if r.d is not None:
+                    key = ("d_g", id(G.pooled.idx))
+                    if key not in r.cache:
+                        r.cache[key] = G.pooled.gather(r.d)
+                    G.pooled.scale_(r.cache[key])
+                continue
+            D = G.materialize(n, tuple(r.y.shape), dt, x.device)
+            G = _Grad(None if D is None else _samplewise_back(r, D))
+        for q, g in grads.items():
+            sq[names[q]][start:start + n] = g.reshape(n, -1).to(acc).square().sum(1)
+
+    # chunks of seeds in turn, each op with all intra-op threads (worker threads of one intra-op thread
+    # each were measured slower here: the chunks' large ops are memory-bound and switching torch's
+    # thread count re-initializes its thread pool); the first chunk builds the cached operands
+    for s0 in range(0, B, chunk):
+        one_chunk(list(range(s0, min(B, s0 + chunk))))
+    for nm in zero:
+        sq[nm].zero_()
+    info = {"layers": len(recs), "bn_calls": len(bns), "chunk": chunk, "zero_biases": zero,
+            "pooled": sum(1 for r in recs if r.kind == "maxpool")}
+    return sq, info
