@@ -8,6 +8,7 @@ from ._backend import BACKENDS, BackendUnavailableError, available_backends, sel
 from .ops.ghost_norm_linear import ghost_norm_linear
 from .ops.conv_weight_grad_sq import conv_weight_grad_sq
 from .ops.norm_affine_grad_sq import norm_affine_grad_sq
+from .ops.pooled_conv_weight_grad import pooled_conv_weight_grad
 from .norms.onepass import per_sample_grad_norms
 from .norms.probe import GradNormProbe
 from . import lira, metrics  # noqa: E402  (LiRA/RMIA scoring and ROC metrics; cheap to import)
@@ -25,5 +26,6 @@ __all__ = [
     "metrics",
     "norm_affine_grad_sq",
     "per_sample_grad_norms",
+    "pooled_conv_weight_grad",
     "select_backend",
 ]

@@ -15,6 +15,7 @@ OPS = {
     "bn_seeded_backward": _backend.BACKENDS,
     "norm_affine_grad_sq": _backend.BACKENDS,
     "conv_weight_grad_sq": _backend.BACKENDS,
+    "pooled_conv_weight_grad": _backend.BACKENDS,
     "logit_confidence": _backend.BACKENDS,
     "lira_scores": _backend.BACKENDS,
     "rmia_scores": ("reference",),

@@ -34,6 +34,10 @@ TORCH_LIBRARY(bnmem, m) {
   // conv_weight_grad_sq: per-sample ||dW_i||_F^2 of a Conv2d weight gradient by implicit im2col, x already
   // padded [B, C_in, Hp, Wp], grad_out [B, C_out, OH, OW] -> [B] (fp64 for fp64, else fp32).
   m.def("conv_weight_grad_sq(Tensor x, Tensor grad_out, int[2] kernel_size, int[2] stride, int[2] dilation, int groups) -> Tensor");
+  // pooled_conv_weight_grad: Conv2d weight gradient of N seeds whose output gradients sit at one position per
+  // (b, o, pooled slot p): x_pad [B, C_in, Hp, Wp], vals [C_out, N, B, P], idx [B, C_out, P] (flat oh*Wo+ow)
+  // -> dW [N, C_out, C_in/g, kh, kw] in the input dtype.
+  m.def("pooled_conv_weight_grad(Tensor x_pad, Tensor vals, Tensor idx, int[2] out_size, int[2] kernel_size, int[2] stride, int[2] dilation, int groups) -> Tensor");
 }
 
 namespace {

@@ -1,0 +1,222 @@
+// pooled_conv_weight_grad on CPU: the Conv2d weight gradient of N seeds whose output gradients are
+// nonzero only at one position per (sample b, output channel o, pooled slot p):
+//   dW[n, o, i, a, c] = sum_{b, p} vals[o, n, b, p] x_pad[b, g(o) Cig + i, oh sh + a dh, ow sw + c dw],
+//   (oh, ow) = divmod(idx[b, o, p], Wo).
+// Output channels in parallel (at::parallel_for). Per o, the N x K (K = Cig kh kw) accumulator stays
+// in a thread-local buffer (L1/L2); the (b, p) maxima are taken in chunks of PB: each window of x_pad
+// is read once into a small [PB, Kpad] scratch (and the chunk's values into [PB, Npad]), then a
+// register-blocked micro-kernel (4 seeds x 3 vectors of window entries) adds the rank-PB update
+// acc[n, k] += sum_j v[j, n] win[j, k]. No unfolded matrix or gathered copy bigger than one chunk.
+// Inputs of any strides are read in place; fp16/bf16 are converted to fp32 when read (accumulate in
+// fp32, returned in the input dtype). The micro-kernel is compiled twice (AVX2+FMA and baseline SSE2)
+// and picked at run time (bnmem_common.h cpu_use_avx2; BNMEM_CPU_ISA=baseline forces SSE2).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "../include/bnmem_common.h"
+#include "../include/pooled_conv_weight_grad_check.h"
+#include <torch/library.h>
+
+namespace bnmem {
+namespace {
+
+constexpr int kNB = 4;   // seeds per register block
+constexpr int kTB = 3;   // vectors of window entries per register block
+
+struct PGeom {
+  int64_t N, Npad, B, P, BP, Co, Cog, Cig, K, Kpad, Wo, HoWo, sh, sw;
+  int64_t PB;                      // (b, p) maxima per chunk
+  int64_t sx[4], sv[4], si[3];
+  std::vector<int64_t> tap;        // [K]: offset of window entry k = (i, a, c) from the window's corner
+};
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------------------------
+// The micro-kernel: GCC vector extensions, so the same source compiles for each instruction set;
+// FMA contraction allowed here only.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#define BNMEM_INLINE inline __attribute__((always_inline))
+
+template <typename V, typename T>
+BNMEM_INLINE V loadu(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+BNMEM_INLINE void storeu(T* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// acc[c, t W .. t W + W) += sum_{j < pb} v[j Npad + c] win[j Kpad + t W ..], c < kNB, t < TB.
+template <int TB, typename V, typename T>
+BNMEM_INLINE void micro(const T* win, int64_t Kpad, const T* v, int64_t Npad, int64_t pb, T* acc, int64_t ld) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  V a[kNB][TB];
+#pragma GCC unroll 4
+  for (int c = 0; c < kNB; ++c)
+#pragma GCC unroll 4
+    for (int t = 0; t < TB; ++t) a[c][t] = loadu<V>(acc + c * ld + t * W);
+  for (int64_t j = 0; j < pb; ++j) {
+    V xv[TB];
+#pragma GCC unroll 4
+    for (int t = 0; t < TB; ++t) xv[t] = loadu<V>(win + j * Kpad + t * W);
+#pragma GCC unroll 4
+    for (int c = 0; c < kNB; ++c) {
+      const V bv = V{} + v[j * Npad + c];
+#pragma GCC unroll 4
+      for (int t = 0; t < TB; ++t) a[c][t] += bv * xv[t];
+    }
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < kNB; ++c)
+#pragma GCC unroll 4
+    for (int t = 0; t < TB; ++t) storeu(acc + c * ld + t * W, a[c][t]);
+}
+
+// acc [Npad, Kpad] += v[pb, Npad]^T win[pb, Kpad].
+template <typename T, int VBYTES>
+BNMEM_INLINE void chunk_update(const T* win, const T* v, int64_t pb, int64_t Npad, int64_t Kpad, T* acc) {
+  typedef T V __attribute__((vector_size(VBYTES)));
+  constexpr int W = VBYTES / sizeof(T);
+  for (int64_t n0 = 0; n0 < Npad; n0 += kNB) {
+    int64_t k0 = 0;
+    for (; k0 + kTB * W <= Kpad; k0 += kTB * W)
+      micro<kTB, V, T>(win + k0, Kpad, v + n0, Npad, pb, acc + n0 * Kpad + k0, Kpad);
+    const int64_t rest = (Kpad - k0) / W;
+    if (rest == 2) micro<2, V, T>(win + k0, Kpad, v + n0, Npad, pb, acc + n0 * Kpad + k0, Kpad);
+    if (rest == 1) micro<1, V, T>(win + k0, Kpad, v + n0, Npad, pb, acc + n0 * Kpad + k0, Kpad);
+  }
+}
+
+using ChunkFn = void (*)(const void*, const void*, int64_t, int64_t, int64_t, void*);
+
+template <typename T>
+void chunk_baseline(const void* win, const void* v, int64_t pb, int64_t Npad, int64_t Kpad, void* acc) {
+  chunk_update<T, 16>(static_cast<const T*>(win), static_cast<const T*>(v), pb, Npad, Kpad, static_cast<T*>(acc));
+}
+
+#ifdef BNMEM_X86_DISPATCH
+template <typename T>
+__attribute__((target("avx2,fma"))) void chunk_avx2(const void* win, const void* v, int64_t pb, int64_t Npad,
+                                                    int64_t Kpad, void* acc) {
+  chunk_update<T, 32>(static_cast<const T*>(win), static_cast<const T*>(v), pb, Npad, Kpad, static_cast<T*>(acc));
+}
+#endif
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+ChunkFn pick_kernel(int64_t* vbytes) {
+#ifdef BNMEM_X86_DISPATCH
+  if (cpu_use_avx2()) {
+    *vbytes = 32;
+    return &chunk_avx2<T>;
+  }
+#endif
+  *vbytes = 16;
+  return &chunk_baseline<T>;
+}
+
+template <typename scalar_t, typename T>
+void run(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& idx, at::IntArrayRef out_size,
+         at::IntArrayRef ks, at::IntArrayRef st, at::IntArrayRef dil, int64_t groups, at::Tensor& out) {
+  int64_t vbytes = 16;
+  const ChunkFn fn = pick_kernel<T>(&vbytes);
+  const int64_t W = vbytes / int64_t(sizeof(T));
+  PGeom g;
+  g.N = vals.size(1), g.Npad = round_up(g.N, kNB), g.B = x.size(0), g.P = vals.size(3), g.BP = g.B * g.P;
+  g.Co = vals.size(0), g.Cog = g.Co / groups, g.Cig = x.size(1) / groups;
+  const int64_t KH = ks[0], KW = ks[1];
+  g.K = g.Cig * KH * KW, g.Kpad = round_up(g.K, W);
+  g.Wo = out_size[1], g.HoWo = out_size[0] * out_size[1], g.sh = st[0], g.sw = st[1];
+  for (int d = 0; d < 4; ++d) g.sx[d] = x.stride(d), g.sv[d] = vals.stride(d);
+  for (int d = 0; d < 3; ++d) g.si[d] = idx.stride(d);
+  g.tap.resize(g.K);
+  for (int64_t i = 0; i < g.Cig; ++i)
+    for (int64_t a = 0; a < KH; ++a)
+      for (int64_t c = 0; c < KW; ++c)
+        g.tap[(i * KH + a) * KW + c] = i * g.sx[1] + a * dil[0] * g.sx[2] + c * dil[1] * g.sx[3];
+  // a chunk's windows ~16 KB (stay in L1 next to the accumulator block being updated)
+  g.PB = std::min<int64_t>(g.BP, std::clamp<int64_t>(16384 / (g.Kpad * int64_t(sizeof(T))), 8, 64));
+
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* vp = vals.const_data_ptr<scalar_t>();
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t so_n = out.stride(0), so_o = out.stride(1);
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, g.Co, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(g.Npad * g.Kpad), win(g.PB * g.Kpad, T(0)), vb(g.PB * g.Npad, T(0));
+    for (int64_t o = begin; o < end; ++o) {
+      std::fill(acc.begin(), acc.end(), T(0));
+      const scalar_t* xg = xp + (o / g.Cog) * g.Cig * g.sx[1];
+      const scalar_t* vo = vp + o * g.sv[0];
+      const int64_t* io = ip + o * g.si[1];
+      for (int64_t j0 = 0; j0 < g.BP; j0 += g.PB) {
+        const int64_t pb = std::min(g.PB, g.BP - j0);
+        for (int64_t jj = 0; jj < pb; ++jj) {
+          const int64_t j = j0 + jj, b = j / g.P, p = j % g.P;
+          const int64_t pos = io[b * g.si[0] + p * g.si[2]];
+          T* w = win.data() + jj * g.Kpad;
+          T* v = vb.data() + jj * g.Npad;
+          if (pos < 0 || pos >= g.HoWo) {   // reported after the loop; contributes nothing
+            bad.store(pos);
+            std::fill(v, v + g.N, T(0));
+            continue;
+          }
+          const int64_t oh = pos / g.Wo, ow = pos % g.Wo;
+          const scalar_t* base = xg + b * g.sx[0] + oh * g.sh * g.sx[2] + ow * g.sw * g.sx[3];
+          for (int64_t k = 0; k < g.K; ++k) w[k] = static_cast<T>(base[g.tap[k]]);
+          const scalar_t* vs = vo + b * g.sv[2] + p * g.sv[3];
+          for (int64_t n = 0; n < g.N; ++n) v[n] = static_cast<T>(vs[n * g.sv[1]]);
+        }
+        fn(win.data(), vb.data(), pb, g.Npad, g.Kpad, acc.data());
+      }
+      for (int64_t n = 0; n < g.N; ++n) {
+        scalar_t* dst = op + n * so_n + o * so_o;
+        const T* src = acc.data() + n * g.Kpad;
+        for (int64_t k = 0; k < g.K; ++k) dst[k] = static_cast<scalar_t>(src[k]);
+      }
+    }
+  });
+  const int64_t b = bad.load();
+  TORCH_CHECK(b == -1, "bnmem::pooled_conv_weight_grad: idx entries must lie in [0, Ho*Wo) = [0, ", g.HoWo, "), got ",
+              b);
+}
+
+at::Tensor pooled_conv_weight_grad_cpu(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& idx,
+                                       at::IntArrayRef out_size, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                       at::IntArrayRef dilation, int64_t groups) {
+  check_pooled_conv_weight_grad_inputs(x, vals, idx, out_size, kernel_size, stride, dilation, groups);
+  const int64_t N = vals.size(1), Co = vals.size(0), Cig = x.size(1) / groups;
+  at::Tensor out = at::empty({N, Co, Cig, kernel_size[0], kernel_size[1]}, x.options());
+  if (out.numel() == 0) return out;
+  if (x.size(0) == 0 || vals.size(3) == 0) return out.zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pooled_conv_weight_grad_cpu", [&] {
+    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    run<scalar_t, T>(x, vals, idx, out_size, kernel_size, stride, dilation, groups, out);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnmem, CPU, m) { m.impl("pooled_conv_weight_grad", &pooled_conv_weight_grad_cpu); }
+
+}  // namespace bnmem
