@@ -134,6 +134,14 @@ def make(arch, dtype=torch.float64, seed=0):
                           nn.MaxPool2d(2, stride=1, dilation=2), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.Flatten(), nn.Linear(64, k))
         shape = (2, 10, 10)
+    elif arch == "pool_opts":
+        # AvgPool2d with padding / ceil_mode / count_include_pad=False; padded, dilated, overlapping max pool
+        # (pooled form) between 1x1 convs
+        m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(),
+                          nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False), nn.Conv2d(3, 3, 1),
+                          nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.MaxPool2d(3, 2, 1, dilation=2),
+                          nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(12, k))
+        shape = (2, 13, 13)
     elif arch == "inplace":
         # in-place activations (the engine must not let them overwrite what it keeps)
         m = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ELU(inplace=True), nn.Linear(5, 5),
@@ -152,7 +160,7 @@ def make(arch, dtype=torch.float64, seed=0):
 
 
 BN2D_ARCHS = ["vgg", "conv_geom", "groups_top", "post_act", "overlap_nested", "pool_no_bn", "adaptive_max",
-              "pool_groups", "frozen"]
+              "pool_groups", "pool_opts", "frozen"]
 ARCHS = BN2D_ARCHS + ["mlp", "inplace", "bn1d_3d", "bn1d_3d_adaptive"]
 
 
@@ -207,7 +215,8 @@ def test_forms_are_exercised(monkeypatch):
     for arch, bns, want_pooled, want_basis in [
             ("vgg", 3, True, True), ("post_act", 5, True, False), ("overlap_nested", 3, True, False),
             ("mlp", 5, False, False), ("bn1d_3d", 3, True, False), ("pool_no_bn", 2, True, False),
-            ("adaptive_max", 2, True, False), ("bn1d_3d_adaptive", 2, True, False), ("pool_groups", 2, True, False)]:
+            ("adaptive_max", 2, True, False), ("bn1d_3d_adaptive", 2, True, False), ("pool_groups", 2, True, False),
+            ("pool_opts", 3, True, False)]:
         pooled.clear()
         basis.clear()
         m, shape, k = make(arch)
