@@ -117,6 +117,81 @@ __attribute__((target("avx2,fma"))) void chunk_avx2(const void* win, const void*
 }
 #endif
 
+
+// Seed-vectorized variant (N >= the vector width; float/double inputs): acc [K, Nv] (Nv = N padded to W)
+// += for each maximum j the window entries x[off[j] + tap[k]] (broadcast, read in place: no gathered
+// window) times v[j, :]. Register block: KB window entries x NVB vectors of seeds.
+template <int KB, int NVB, typename V, typename T>
+BNMEM_INLINE void micro_n(const T* x, const int64_t* off, const int64_t* tap, const T* v, int64_t Nv, int64_t pb,
+                          T* acc) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  V a[KB][NVB];
+  int64_t tp[KB];
+#pragma GCC unroll 8
+  for (int k = 0; k < KB; ++k) {
+    tp[k] = tap[k];
+#pragma GCC unroll 4
+    for (int t = 0; t < NVB; ++t) a[k][t] = loadu<V>(acc + k * Nv + t * W);
+  }
+  for (int64_t j = 0; j < pb; ++j) {
+    const T* xb = x + off[j];
+    V vv[NVB];
+#pragma GCC unroll 4
+    for (int t = 0; t < NVB; ++t) vv[t] = loadu<V>(v + j * Nv + t * W);
+#pragma GCC unroll 8
+    for (int k = 0; k < KB; ++k) {
+      const V bx = V{} + xb[tp[k]];
+#pragma GCC unroll 4
+      for (int t = 0; t < NVB; ++t) a[k][t] += bx * vv[t];
+    }
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < KB; ++k)
+#pragma GCC unroll 4
+    for (int t = 0; t < NVB; ++t) storeu(acc + k * Nv + t * W, a[k][t]);
+}
+
+template <int KB, int NVB, typename V, typename T>
+BNMEM_INLINE void micro_n_kb(int kb, const T* x, const int64_t* off, const int64_t* tap, const T* v, int64_t Nv,
+                             int64_t pb, T* acc) {
+  if constexpr (KB >= 1) {
+    if (kb == KB) return micro_n<KB, NVB, V, T>(x, off, tap, v, Nv, pb, acc);
+    micro_n_kb<KB - 1, NVB, V, T>(kb, x, off, tap, v, Nv, pb, acc);
+  }
+}
+
+constexpr int kKB = 6;   // window entries per register block of the seed-vectorized kernel
+
+template <typename T, int VBYTES>
+BNMEM_INLINE void chunk_update_n(const T* x, const int64_t* off, const int64_t* tap, int64_t K, const T* v,
+                                 int64_t pb, int64_t Nv, T* acc) {
+  typedef T V __attribute__((vector_size(VBYTES)));
+  constexpr int W = VBYTES / sizeof(T);
+  for (int64_t k0 = 0; k0 < K; k0 += kKB) {
+    const int kb = static_cast<int>(std::min<int64_t>(kKB, K - k0));
+    int64_t n0 = 0;
+    for (; n0 + 2 * W <= Nv; n0 += 2 * W)
+      micro_n_kb<kKB, 2, V, T>(kb, x, off, tap + k0, v + n0, Nv, pb, acc + k0 * Nv + n0);
+    if (n0 < Nv) micro_n_kb<kKB, 1, V, T>(kb, x, off, tap + k0, v + n0, Nv, pb, acc + k0 * Nv + n0);
+  }
+}
+
+using ChunkNFn = void (*)(const void*, const int64_t*, const int64_t*, int64_t, const void*, int64_t, int64_t, void*);
+
+template <typename T>
+void chunk_n_baseline(const void* x, const int64_t* off, const int64_t* tap, int64_t K, const void* v, int64_t pb,
+                      int64_t Nv, void* acc) {
+  chunk_update_n<T, 16>(static_cast<const T*>(x), off, tap, K, static_cast<const T*>(v), pb, Nv, static_cast<T*>(acc));
+}
+
+#ifdef BNMEM_X86_DISPATCH
+template <typename T>
+__attribute__((target("avx2,fma"))) void chunk_n_avx2(const void* x, const int64_t* off, const int64_t* tap, int64_t K,
+                                                      const void* v, int64_t pb, int64_t Nv, void* acc) {
+  chunk_update_n<T, 32>(static_cast<const T*>(x), off, tap, K, static_cast<const T*>(v), pb, Nv, static_cast<T*>(acc));
+}
+#endif
+
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 // ---------------------------------------------------------------------------------------------
@@ -133,9 +208,87 @@ ChunkFn pick_kernel(int64_t* vbytes) {
   return &chunk_baseline<T>;
 }
 
+template <typename T>
+ChunkNFn pick_kernel_n(int64_t* vbytes) {
+#ifdef BNMEM_X86_DISPATCH
+  if (cpu_use_avx2()) {
+    *vbytes = 32;
+    return &chunk_n_avx2<T>;
+  }
+#endif
+  *vbytes = 16;
+  return &chunk_n_baseline<T>;
+}
+
+// The seed-vectorized route for float/double inputs with N >= the vector width: per output channel o,
+// chunks of maxima j = (b, p) give window corners off[j] and the values v[j, :] (seeds padded to Nv).
+template <typename T>
+void run_n(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& idx, at::IntArrayRef out_size,
+           at::IntArrayRef ks, at::IntArrayRef st, at::IntArrayRef dil, int64_t groups, at::Tensor& out,
+           ChunkNFn fn, int64_t W) {
+  const int64_t N = vals.size(1), Nv = round_up(N, W), B = x.size(0), P = vals.size(3), BP = B * P;
+  const int64_t Co = vals.size(0), Cog = Co / groups, Cig = x.size(1) / groups, KH = ks[0], KW = ks[1];
+  const int64_t K = Cig * KH * KW, Wo = out_size[1], HoWo = out_size[0] * out_size[1];
+  int64_t sx[4], sv[4], si[3];
+  for (int d = 0; d < 4; ++d) sx[d] = x.stride(d), sv[d] = vals.stride(d);
+  for (int d = 0; d < 3; ++d) si[d] = idx.stride(d);
+  std::vector<int64_t> tap(K);
+  for (int64_t i = 0; i < Cig; ++i)
+    for (int64_t a = 0; a < KH; ++a)
+      for (int64_t c = 0; c < KW; ++c) tap[(i * KH + a) * KW + c] = i * sx[1] + a * dil[0] * sx[2] + c * dil[1] * sx[3];
+  const int64_t PB = std::min<int64_t>(BP, std::clamp<int64_t>(16384 / (Nv * int64_t(sizeof(T))), 16, 512));
+  const T* xp = x.const_data_ptr<T>();
+  const T* vp = vals.const_data_ptr<T>();
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  const int64_t so_n = out.stride(0), so_o = out.stride(1);
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, Co, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(K * Nv), vb(PB * Nv, T(0));
+    std::vector<int64_t> off(PB);
+    for (int64_t o = begin; o < end; ++o) {
+      std::fill(acc.begin(), acc.end(), T(0));
+      const T* xg = xp + (o / Cog) * Cig * sx[1];
+      const T* vo = vp + o * sv[0];
+      const int64_t* io = ip + o * si[1];
+      for (int64_t j0 = 0; j0 < BP; j0 += PB) {
+        const int64_t pb = std::min(PB, BP - j0);
+        for (int64_t jj = 0; jj < pb; ++jj) {
+          const int64_t j = j0 + jj, b = j / P, p = j % P;
+          const int64_t pos = io[b * si[0] + p * si[2]];
+          T* v = vb.data() + jj * Nv;
+          if (pos < 0 || pos >= HoWo) {   // reported after the loop; contributes nothing
+            bad.store(pos);
+            off[jj] = 0;
+            std::fill(v, v + N, T(0));
+            continue;
+          }
+          off[jj] = b * sx[0] + (pos / Wo) * st[0] * sx[2] + (pos % Wo) * st[1] * sx[3];
+          const T* vs = vo + b * sv[2] + p * sv[3];
+          for (int64_t n = 0; n < N; ++n) v[n] = vs[n * sv[1]];
+        }
+        fn(xg, off.data(), tap.data(), K, vb.data(), pb, Nv, acc.data());
+      }
+      for (int64_t n = 0; n < N; ++n) {
+        T* dst = op + n * so_n + o * so_o;
+        for (int64_t k = 0; k < K; ++k) dst[k] = acc[k * Nv + n];
+      }
+    }
+  });
+  const int64_t b = bad.load();
+  TORCH_CHECK(b == -1, "bnmem::pooled_conv_weight_grad: idx entries must lie in [0, Ho*Wo) = [0, ", HoWo, "), got ",
+              b);
+}
+
 template <typename scalar_t, typename T>
 void run(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& idx, at::IntArrayRef out_size,
          at::IntArrayRef ks, at::IntArrayRef st, at::IntArrayRef dil, int64_t groups, at::Tensor& out) {
+  if constexpr (std::is_same_v<scalar_t, T>) {   // float/double: seeds in vector lanes when they fill one
+    int64_t nbytes = 16;
+    const ChunkNFn fn_n = pick_kernel_n<T>(&nbytes);
+    const int64_t lanes = nbytes / int64_t(sizeof(T));
+    if (vals.size(1) >= lanes) return run_n<T>(x, vals, idx, out_size, ks, st, dil, groups, out, fn_n, lanes);
+  }
   int64_t vbytes = 16;
   const ChunkFn fn = pick_kernel<T>(&vbytes);
   const int64_t W = vbytes / int64_t(sizeof(T));

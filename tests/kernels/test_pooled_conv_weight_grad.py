@@ -22,6 +22,8 @@ COMPILED = ("cpu", "reference")   # bigger shapes: not through the Triton interp
 BIG = {   # the CPU kernel's chunking over (b, p) (several chunks), N and K off the register blocking
     "conv2": (4, 16, 10, 10, 32, (3, 3), (1, 1), (1, 1), 1, (8, 8), 16, 5),
     "conv1": (5, 3, 18, 18, 16, (3, 3), (1, 1), (1, 1), 1, (16, 16), 64, 6),
+    "n16": (3, 16, 10, 11, 8, (3, 2), (1, 2), (2, 1), 2, (6, 5), 16, 16),   # seeds in vector lanes (N >= width)
+    "n13": (2, 6, 9, 9, 6, (3, 3), (2, 1), (1, 1), 3, (4, 7), 9, 13),      # ... with a partial vector
 }
 
 
@@ -107,9 +109,10 @@ def test_duplicate_indices_add(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", testing.device_backend_params())
-@pytest.mark.parametrize("name", ["odd", "groups2"])
+@pytest.mark.parametrize("name", ["odd", "groups2", pytest.param("n13", marks=pytest.mark.skipif(
+    bool(testing._backend.unavailable_reason("cpu", "cpu")), reason="compiled only"))])
 def test_non_contiguous_inputs(device, backend, name):
-    case = CASES[name]
+    case = {**CASES, **BIG}[name]
     x, vals, idx = make(case, seed=4)
     xs = F.pad(x, (2, 0, 1, 0))[:, :, 1:, 2:]                               # a sliced view of a bigger tensor
     vs = torch.stack([vals, torch.zeros_like(vals)], dim=1)[:, 0]            # [C_out, N, B, P] view, strided
@@ -131,7 +134,7 @@ def test_bench_like_shapes(backend, dtype, name):
 
 
 @pytest.mark.skipif(bool(testing._backend.unavailable_reason("cpu", "cpu")), reason="extension not built")
-@pytest.mark.parametrize("name", ["odd", "groups2", "conv2"])
+@pytest.mark.parametrize("name", ["odd", "groups2", "conv2", "n16", "n13"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_cpu_baseline_isa(monkeypatch, name, dtype):
     """The CPU kernel's SSE2 build (the run-time pick on CPUs without AVX2/FMA), forced."""
