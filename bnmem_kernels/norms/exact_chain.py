@@ -34,6 +34,7 @@ import threading
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.grad import conv2d_weight
 
 _ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
                 nn.Softplus, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Tanhshrink, nn.Softsign,
@@ -73,10 +74,32 @@ def _kind(m) -> str:
     raise ChainUnsupported(f"layer {t.__name__} is not one the chain engine models")
 
 
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
+
+
+def _refuse_hooks(model) -> None:
+    """The chain's forward and backward are hand-written: a hook (module, global or on a parameter)
+    that changes what a layer computes would be skipped, so any hook makes it refuse."""
+    import torch.nn.modules.module as mm
+
+    for name in _GLOBAL_HOOKS:
+        if getattr(mm, name, None):
+            raise ChainUnsupported(f"a global module hook is registered (torch.nn.modules.module.{name})")
+    for mname, m in model.named_modules():
+        for h in _MODULE_HOOKS:
+            if getattr(m, h, None):
+                raise ChainUnsupported(f"module {mname or type(m).__name__!r} has {h[1:]} registered")
+        for pname, p in m.named_parameters(recurse=False):
+            if getattr(p, "_backward_hooks", None):
+                raise ChainUnsupported(f"parameter {mname}.{pname} has a tensor hook registered")
+
+
 def chain_layers(model) -> list:
     """[(module, kind)] of an nn.Sequential chain (nested plain Sequentials flattened); raises
     ChainUnsupported for anything else (another container, a subclass with its own forward, an
-    unknown layer, a module used twice)."""
+    unknown layer, a module with parameters used twice, a registered hook)."""
     if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
         raise ChainUnsupported("the model is not an nn.Sequential")
     out, seen = [], set()
@@ -93,8 +116,16 @@ def chain_layers(model) -> list:
             seen.add(id(m))
             out.append((m, _kind(m)))
     walk(model)
+    _refuse_hooks(model)
     if not any(k == "bn" for _, k in out):
         raise ChainUnsupported("no BatchNorm (nothing couples samples)")
+    return out
+
+
+def _numel(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
     return out
 
 
@@ -178,8 +209,9 @@ def _workspace(r, key, shape, like):
 class _Rec:
     """What the forward of one layer leaves for the backward."""
 
-    def __init__(self, m, kind, x, y, arena):
-        self.m, self.kind, self.x, self.y, self.arena = m, kind, x, y, arena
+    def __init__(self, m, kind, x, arena):
+        self.m, self.kind, self.x, self.arena = m, kind, x, arena
+        self.xshape = self.yshape = None
         self.params: list = []
         self.diag_out = None        # the diagonal part's gradient at the output (param layers)
         self.cache: dict = {}
@@ -252,7 +284,7 @@ def _forward(layers, x, index, arena):
     recs = []
     with torch.no_grad():
         for m, kind in layers:
-            r = _Rec(m, kind, x, None, arena)
+            r = _Rec(m, kind, x, arena)
             r.params = _own_params(m, index)
             if kind == "bn":
                 if x.dim() not in (2, 3, 4):
@@ -302,7 +334,12 @@ def _forward(layers, x, index, arena):
                 y = m(x)
             else:
                 y = m(x)
-            r.y = y
+            # keep only what the backward reads: shapes, a Conv's/Linear's input, the per-kind records
+            r.xshape, r.yshape = tuple(x.shape), tuple(y.shape)
+            if kind == "conv":
+                r.cache["geom"] = _ConvGeom(r, y)
+            if kind not in ("conv", "linear"):
+                r.x = None
             recs.append(r)
             x = y
     return recs, x
@@ -316,19 +353,19 @@ def _samplewise_back(r, g):
     if r.kind in ("ew", "dropout"):
         return g if r.d is None else g * r.d
     if r.kind == "maxpool":
-        x = r.x
-        flat = g.reshape(n * B, x.shape[1], -1)
-        idx = r.idx.unsqueeze(0).expand(n, B, x.shape[1], flat.shape[-1]).reshape(flat.shape)
-        out = torch.zeros(n * B, x.shape[1], x[0, 0].numel(), dtype=g.dtype, device=g.device)
+        C = r.xshape[1]
+        flat = g.reshape(n * B, C, -1)
+        idx = r.idx.unsqueeze(0).expand(n, B, C, flat.shape[-1]).reshape(flat.shape)
+        out = torch.zeros(n * B, C, _numel(r.xshape[2:]), dtype=g.dtype, device=g.device)
         out.scatter_add_(2, idx, flat)
-        return out.view(n, *x.shape)
+        return out.view(n, *r.xshape)
     if r.kind == "linop":
         if type(r.m) is nn.Flatten:
-            return g.reshape(n, *r.x.shape)
+            return g.reshape(n, *r.xshape)
         with torch.enable_grad():
-            z = torch.zeros((n * B,) + tuple(r.x.shape[1:]), dtype=g.dtype, device=g.device, requires_grad=True)
+            z = torch.zeros((n * B,) + r.xshape[1:], dtype=g.dtype, device=g.device, requires_grad=True)
             out = r.m(z)
-            return torch.autograd.grad(out, z, g.reshape(out.shape))[0].view(n, *r.x.shape)
+            return torch.autograd.grad(out, z, g.reshape(out.shape))[0].view(n, *r.xshape)
     raise AssertionError(r.kind)
 
 
@@ -336,7 +373,7 @@ def _samplewise_back(r, g):
 # Conv2d / Linear: weight gradients and input gradients of the three forms
 
 class _ConvGeom:
-    def __init__(self, r):
+    def __init__(self, r, y):
         m = r.m
         self.k = _pair(m.kernel_size)
         self.s = _pair(m.stride)
@@ -346,14 +383,14 @@ class _ConvGeom:
         self.W = m.weight.detach()
         B, I, H, W_ = r.x.shape
         self.B, self.I, self.H, self.Wd = B, I, H, W_
-        self.O, self.Ho, self.Wo = r.y.shape[1], r.y.shape[2], r.y.shape[3]
+        self.O, self.Ho, self.Wo = y.shape[1], y.shape[2], y.shape[3]
         self.r = (I // self.g) * self.k[0] * self.k[1]
 
 
 def _conv_Ut(r):
     """The unfolded input as [g, B * L, r] (L = output positions; the rows of every GEMM with it), cached."""
     if "Ut" not in r.cache:
-        c = r.cache.setdefault("geom", _ConvGeom(r))
+        c = r.cache["geom"]
         U = r.arena.empty((c.B, c.g * c.r, c.Ho * c.Wo), c.W.dtype, c.W.device)
         torch.ops.aten.im2col.out(r.x, list(c.k), list(c.dil), list(c.p), list(c.s), out=U)
         Ut = r.arena.empty((c.g, c.B * c.Ho * c.Wo, c.r), c.W.dtype, c.W.device)
@@ -393,13 +430,15 @@ def _conv_pooled_wgrad(r, pooled):
 
 
 def _conv_affine_terms(r, xhat):
-    """(r1 [r], Rz [O, r], sum xhat [O]) for the closed form of an affine gradient (groups = 1)."""
+    """(r1 [r], Rz [O, r], sum xhat [O]) for the closed form of an affine gradient (groups = 1):
+    r1 = sum over samples and positions of the unfolded input, Rz[o] = the same weighted by xhat[:, o]
+    (two weight gradients of the conv, with output gradients 1 and xhat)."""
     if "aff" not in r.cache:
         c = r.cache["geom"]
-        Ut = _conv_Ut(r)[0]                                     # [B L, r]
-        r1 = Ut.sum(0)
-        Xh = xhat.reshape(c.B, c.O, -1).transpose(0, 1).reshape(c.O, -1)
-        r.cache["aff"] = (r1, Xh @ Ut, Xh.sum(1))
+        ones = torch.ones(c.B, 1, c.Ho, c.Wo, dtype=c.W.dtype, device=c.W.device)
+        r1 = conv2d_weight(r.x, (1, c.I, c.k[0], c.k[1]), ones, c.s, c.p, c.dil).reshape(-1)
+        Rz = conv2d_weight(r.x, tuple(c.W.shape), xhat.contiguous(), c.s, c.p, c.dil).reshape(c.O, -1)
+        r.cache["aff"] = (r1, Rz, xhat.sum((0, 2, 3)))
     return r.cache["aff"]
 
 
@@ -450,7 +489,7 @@ def _conv_back(r, G, n, need_input, want_bias=True):
     Weight gradient: each form by its cheapest route (dense: one GEMM; pooled: the rows at the maxima
     only; affine: closed form). Input gradient: from the basis directions when the gradient is affine
     only, else one transposed convolution of the materialized gradient."""
-    c = r.cache.setdefault("geom", _ConvGeom(r))
+    c = r.cache["geom"]
     shape = (c.B, c.O, c.Ho, c.Wo)
     want_w = any(s == "weight" for s, _ in r.params)
     want_b = want_bias and any(s == "bias" for s, _ in r.params)
@@ -498,7 +537,7 @@ def _conv_back(r, G, n, need_input, want_bias=True):
 def _linear_back(r, G, n, need_input, want_bias=True):
     m = r.m
     W = m.weight.detach()
-    D = G.materialize(n, tuple(r.y.shape), W.dtype, W.device)
+    D = G.materialize(n, r.yshape, W.dtype, W.device)
     wg = torch.matmul(D.transpose(1, 2), r.x) if any(s == "weight" for s, _ in r.params) else None
     bg = D.sum(1) if want_bias and any(s == "bias" for s, _ in r.params) else None
     return wg, bg, (_Grad(D @ W) if need_input else None)
@@ -531,7 +570,7 @@ def _diag_backward(recs, dout, need_below):
     g = dout.unsqueeze(0)                                     # [1, B, *out]
     for k in range(len(recs) - 1, -1, -1):
         r = recs[k]
-        if r.params or r.kind == "bn":
+        if r.params and r.kind != "bn":
             r.diag_out = g[0]
         if r.kind == "bn":
             dy = g[0]
@@ -544,7 +583,7 @@ def _diag_backward(recs, dout, need_below):
             v = [1, 1, -1] + [1] * (g.dim() - 3)
             g = g * r.scale.view(v)
         elif r.kind == "conv":
-            c = r.cache.setdefault("geom", _ConvGeom(r))
+            c = r.cache["geom"]
             g = _conv_input_grad(c, g[0]).unsqueeze(0)
         elif r.kind == "linear":
             g = g @ r.m.weight.detach()
@@ -556,14 +595,14 @@ def _per_sample_wgrad(r, rows):
     """The diagonal part's own parameter gradients for seeds `rows`: {slot: [c, *p.shape]}."""
     out = {}
     sl = slice(rows[0], rows[-1] + 1)          # rows: a contiguous range of seeds
-    D = r.diag_out[sl]
+    D = r.diag_out[sl] if r.kind != "bn" else None
     slots = {s for s, _ in r.params}
     if r.kind == "conv":
-        Ut = _conv_Ut(r)
         c = r.cache["geom"]
         n, Og = len(rows), c.O // c.g
         if "weight" in slots:
-            Ur = Ut.view(c.g, c.B, -1, c.r)[:, sl].transpose(0, 1)      # [c, g, L, r]
+            U = F.unfold(r.x[sl], c.k, dilation=c.dil, padding=c.p, stride=c.s)     # [c, g r, L]
+            Ur = U.view(n, c.g, c.r, -1).transpose(2, 3)                            # [c, g, L, r]
             out["weight"] = torch.matmul(D.reshape(n, c.g, Og, -1), Ur).reshape(n, *c.W.shape)
         if "bias" in slots:
             out["bias"] = D.sum((2, 3))
@@ -579,6 +618,44 @@ def _per_sample_wgrad(r, rows):
         if "bias" in slots:
             out["bias"] = r.diag_s1[sl]
     return out
+
+
+class LossCouplesSamples(ChainUnsupported):
+    """loss_fn's loss of sample i depends on other samples' outputs (in value or in gradient)."""
+
+
+def per_sample_loss_grads(loss_fn, out, targets, losses):
+    """d l_i / d out_i for every i, by torch.func.vmap of loss_fn on one sample at a time, after
+    checking that loss_fn is per sample: the per-sample values equal the batch's `losses`, and the
+    batch losses' gradient w.r.t. `out` is block-diagonal, checked by one random probe
+    (grad of sum_i v_i l_i == v_i * the per-sample gradients; a loss that couples samples only in its
+    gradient, e.g. l - l.mean() + l.mean().detach(), fails it). `losses` = loss_fn(out, targets) with
+    its graph. Raises LossCouplesSamples, or ChainUnsupported when the loss has no vmap rule."""
+    from torch.func import grad, vmap
+
+    o = out.detach()
+
+    def one(oi, ti):
+        li = loss_fn(oi.unsqueeze(0), None if ti is None else ti.unsqueeze(0)).reshape(())
+        return li, li.detach()
+    try:
+        dout, l2 = vmap(grad(one, has_aux=True), in_dims=(0, None if targets is None else 0))(o, targets)
+    except Exception as exc:   # no vmap rule in the loss
+        raise ChainUnsupported(f"per-sample loss under vmap failed: {type(exc).__name__}: {exc}") from exc
+    rtol = _LOSS_RTOL.get(o.dtype, 1e-2)
+    l1 = losses.detach()
+    lscale = l1.abs().mean() + torch.finfo(l1.dtype).tiny
+    if not bool(((l2 - l1).abs() <= rtol * (l1.abs() + lscale)).all()):
+        raise LossCouplesSamples("loss_fn couples the samples (per-sample losses differ from the batch's)")
+    gen = torch.Generator().manual_seed(1234)                   # the user's RNG stays untouched
+    v = (1.0 + torch.rand(l1.shape[0], generator=gen, dtype=torch.float64)).to(l1.dtype).to(l1.device)
+    probe = torch.autograd.grad(losses, out, grad_outputs=v, retain_graph=True, allow_unused=True)[0]
+    want = dout * v.view([-1] + [1] * (dout.dim() - 1))
+    gscale = want.abs().mean() + torch.finfo(l1.dtype).tiny
+    if probe is None or not bool(((probe - want).abs() <= rtol * (want.abs() + gscale)).all()):
+        raise LossCouplesSamples("loss_fn couples the samples in its gradient (d(sum_i v_i l_i)/d out is not "
+                                 "v_i * d l_i / d out_i)")
+    return dout
 
 
 def chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk):
@@ -606,20 +683,9 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
     with torch.enable_grad():
         o = out.detach().requires_grad_(True)
         losses = loss_fn(o, targets)
-    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (B,) or not losses.requires_grad:
-        return None, {"losses": losses}         # the caller's check_losses reports it
-
-    def one(oi, ti):
-        li = loss_fn(oi.unsqueeze(0), None if ti is None else ti.unsqueeze(0)).reshape(())
-        return li, li.detach()
-    try:
-        dout, l2 = vmap(grad(one, has_aux=True), in_dims=(0, None if targets is None else 0))(out, targets)
-    except Exception as exc:   # no vmap rule in the loss
-        raise ChainUnsupported(f"per-sample loss under vmap failed: {type(exc).__name__}: {exc}") from exc
-    l1 = losses.detach()
-    lscale = l1.abs().mean() + torch.finfo(l1.dtype).tiny
-    if not bool(((l2 - l1).abs() <= _LOSS_RTOL[dt] * (l1.abs() + lscale)).all()):
-        raise ChainUnsupported("loss_fn couples the samples (per-sample losses differ from the batch's)")
+        if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (B,) or not losses.requires_grad:
+            return None, {"losses": losses}         # the caller's check_losses reports it
+        dout = per_sample_loss_grads(loss_fn, o, targets, losses)
 
     K = len(recs)
     has_params = [bool(r.params) for r in recs]
@@ -650,6 +716,8 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
             if k > top:
                 continue                                     # above the top BN: the diagonal part only
             if r.kind == "bn":
+                if G.affine is not None:           # a BatchNorm right above this one: its BN term, dense
+                    G = _Grad(G.materialize(n, r.yshape, dt, x.device))
                 e1, e2 = _bn_sums(r, G, n)               # the coupling part's sums (None above the top BN)
                 s1, s2 = r.diag_s1[start:start + n], r.diag_s2[start:start + n]
                 slots = dict(r.params)
@@ -662,7 +730,7 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
                 if not need_below[k]:
                     break
                 sc = r.scale
-                v = [1, 1, -1] + [1] * (r.x.dim() - 2)
+                v = [1, 1, -1] + [1] * (len(r.xshape) - 2)
                 dense = None if G.dense is None else G.dense * sc.view(v)
                 pooled = None if G.pooled is None else G.pooled.scale_(sc.view(-1, 1, 1, 1))
                 alpha, beta = -(sc / r.M) * s1, -(sc / r.M) * s2
@@ -683,11 +751,11 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
                 break
             # sample-wise layers: a max pool starts a pooled form (the gradient on its maxima), which the
             # elementwise layers beneath keep (their derivative at the maxima); else dense
-            if r.kind == "maxpool" and r.x.dim() in (3, 4) and G.pooled is None and G.affine is None \
+            if r.kind == "maxpool" and len(r.xshape) in (3, 4) and G.pooled is None and G.affine is None \
                     and G.dense is not None:
                 vals = _workspace(r, "ws_vals", (r.idx.shape[1], n) + tuple(r.idx.shape[::2]), G.dense)
                 vals.copy_(G.dense.reshape(n, *r.idx.shape).permute(2, 0, 1, 3))
-                G = _Grad(pooled=_Pooled(vals, r.idx, r.x[0, 0].numel()))
+                G = _Grad(pooled=_Pooled(vals, r.idx, _numel(r.xshape[2:])))
                 continue
             if r.kind in ("ew", "dropout") and G.dense is None and G.affine is None and G.pooled is not None:
                 if r.d is not None:
@@ -696,7 +764,7 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
                         r.cache[key] = G.pooled.gather(r.d)
                     G.pooled.scale_(r.cache[key])
                 continue
-            D = G.materialize(n, tuple(r.y.shape), dt, x.device)
+            D = G.materialize(n, r.yshape, dt, x.device)
             G = _Grad(None if D is None else _samplewise_back(r, D))
         for q, g in grads.items():
             sq[names[q]][start:start + n] = g.reshape(n, -1).to(acc).square().sum(1)

@@ -444,9 +444,16 @@ def coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk
     tape = _Tape()
     with _patched(model, tape):
         # phase 1: the batch forward, statistics with their graph
-        losses = loss_fn(model(*args), targets)
+        out = model(*args)
+        losses = loss_fn(out, targets)
         if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (B,):
             return None, {"losses": losses}     # the caller's check_losses reports it
+        if isinstance(out, torch.Tensor) and out.dim() and out.shape[0] == B and losses.requires_grad:
+            from .exact_chain import ChainUnsupported, per_sample_loss_grads
+            try:                              # phase 2 below splits the loss per sample: it must be per sample
+                per_sample_loss_grads(loss_fn, out, targets, losses)
+            except ChainUnsupported as exc:
+                raise Unsupported(str(exc)) from exc
         zero = _zero_biases(model, tape, losses, names)
         closed = _closed_form_producers(model, tape, losses, names, params) if route is None else {}
         tape.outputs, tape.bn_inputs = [], []

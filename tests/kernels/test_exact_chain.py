@@ -338,8 +338,8 @@ def test_model_left_unchanged():
     torch.manual_seed(9)
     exp = reference(m, ce, x, y, mode="exact")                # train-mode semantics despite eval()
     torch.manual_seed(9)
-    out, rep = exact_report(m, ce, x, y, path="chain")
-    assert rep["path"] == "chain" and rel(out, exp) <= 1e-10
+    out, rep = exact_report(m, ce, x, y)                     # hooks: the chain refuses, another path runs
+    assert rep["path"] != "chain" and "hook" in rep["chain"] and rel(out, exp) <= 1e-10
     assert not any(mm.training for mm in m.modules())
     for kk, v in m.state_dict().items():
         assert torch.equal(v, sd[kk]), kk
@@ -351,6 +351,15 @@ def test_model_left_unchanged():
     assert all("forward" not in mm.__dict__ for mm in m.modules())
     h1.remove()
     h2.remove()
+    # without hooks, the chain itself leaves everything as it was
+    torch.manual_seed(9)
+    out, rep = exact_report(m, ce, x, y, path="chain")
+    assert rep["path"] == "chain" and rel(out, exp) <= 1e-10
+    assert not any(mm.training for mm in m.modules())
+    for kk, v in m.state_dict().items():
+        assert torch.equal(v, sd[kk]), kk
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), params))
+    assert all(p.grad is g for p, g in zip(m.parameters(), grads))
     # a training model stays in training mode
     m.train()
     exact_report(m, ce, x, y, path="chain")
@@ -534,9 +543,6 @@ def _bn_after_bn(dim):
     return m.double(), shape
 
 
-@pytest.mark.xfail(strict=True, reason="exact_chain: a BatchNorm directly after a BatchNorm drops the upper BN's "
-                   "coupling term (_bn_sums reads only the dense/pooled forms, not the affine one, and the next "
-                   "_Grad replaces it): wrong numbers (rel err ~1e-2..1e-1), silently, also under path='auto'")
 @pytest.mark.parametrize("dim", [1, 2])
 def test_bn_directly_after_bn(dim):
     m, shape = _bn_after_bn(dim)
@@ -549,10 +555,6 @@ def test_bn_directly_after_bn(dim):
     assert rel(out, exp) <= 1e-10
 
 
-@pytest.mark.xfail(strict=True, reason="exact_chain: user forward hooks / forward pre-hooks (module or global) "
-                   "on the chain's layers are not modelled (BN runs through native_batch_norm without hooks; the "
-                   "hand-written backward ignores what a hook does to a Conv/Linear's output) and the chain does "
-                   "not refuse such a model: wrong numbers (rel err 0.05..0.66), silently, also under path='auto'")
 @pytest.mark.parametrize("where", ["conv_hook", "bn_hook", "linear_pre_hook", "global_hook"])
 def test_forward_hooks_are_modelled_or_refused(where):
     torch.manual_seed(0)
@@ -577,13 +579,9 @@ def test_forward_hooks_are_modelled_or_refused(where):
         if hook is not None:
             hook.remove()
     assert rel(out, exp) <= 1e-10, rep
+    assert rep["path"] != "chain" and "hook" in rep["chain"]
 
 
-@pytest.mark.xfail(strict=True, reason="exact_chain: the per-sample-loss check compares loss VALUES only; a loss "
-                   "whose batch values equal the per-sample ones but whose gradient couples samples "
-                   "(l - l.mean() + l.mean().detach()) passes it, and the seeds at the output come from the "
-                   "per-sample vmap (here: gradient 0), not from the batch loss: the chain returns all zeros "
-                   "(the loop: ~2.4), silently, also under path='auto'")
 def test_gradient_coupling_loss_with_equal_values_is_refused_or_exact():
     m, shape, k = make("vgg")
     x, y = data(shape, 6, k)
@@ -592,11 +590,15 @@ def test_gradient_coupling_loss_with_equal_values_is_refused_or_exact():
         li = F.cross_entropy(o, t, reduction="none")
         return li - li.mean() + li.mean().detach()        # values: li; gradients: li - mean
     exp = reference(m, loss, x, y, mode="exact")
-    try:
-        out = exact_report(m, loss, x, y, path="chain")[0]
-    except ChainUnsupported:
-        return                                            # a refusal is correct (auto then takes another path)
-    assert rel(out, exp) <= 1e-10
+    with pytest.raises(ChainUnsupported, match="couples the samples in its gradient"):
+        exact_report(m, loss, x, y, path="chain")
+    from bnmem_kernels.norms.exact_coupled import Unsupported
+    with pytest.raises(Unsupported, match="couples the samples in its gradient"):
+        exact_report(m, loss, x, y, path="coupled")       # the coupled path checks it too
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExactFallbackWarning)
+        out, rep = exact_report(m, loss, x, y)            # auto: the general (loop) engine
+    assert rep["path"] == "seed_batched" and rel(out, exp) <= 1e-10
 
 
 # ---------------------------------------------------------------------------------------------- 7. bad input
