@@ -35,6 +35,7 @@ struct PGeom {
   int64_t PB;                      // (b, p) maxima per chunk
   int64_t sx[4], sv[4], si[3];
   std::vector<int64_t> tap;        // [K]: offset of window entry k = (i, a, c) from the window's corner
+  std::vector<int64_t> posoff;     // [Ho Wo]: offset of the window corner of output position oh Wo + ow
 };
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
@@ -61,6 +62,13 @@ BNMEM_INLINE void storeu(T* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// all lanes = s. (V{} + s compiles to one scalar add and a broadcast; the exact identities s - V{} or a
+// lane-by-lane fill compile to a chain of lane inserts with GCC 12 here.)
+template <typename V, typename T>
+BNMEM_INLINE V bcast(T s) {
+  return V{} + s;
+}
+
 // acc[c, t W .. t W + W) += sum_{j < pb} v[j Npad + c] win[j Kpad + t W ..], c < kNB, t < TB.
 template <int TB, typename V, typename T>
 BNMEM_INLINE void micro(const T* win, int64_t Kpad, const T* v, int64_t Npad, int64_t pb, T* acc, int64_t ld) {
@@ -76,7 +84,7 @@ BNMEM_INLINE void micro(const T* win, int64_t Kpad, const T* v, int64_t Npad, in
     for (int t = 0; t < TB; ++t) xv[t] = loadu<V>(win + j * Kpad + t * W);
 #pragma GCC unroll 4
     for (int c = 0; c < kNB; ++c) {
-      const V bv = V{} + v[j * Npad + c];
+      const V bv = bcast<V>(v[j * Npad + c]);
 #pragma GCC unroll 4
       for (int t = 0; t < TB; ++t) a[c][t] += bv * xv[t];
     }
@@ -140,7 +148,7 @@ BNMEM_INLINE void micro_n(const T* x, const int64_t* off, const int64_t* tap, co
     for (int t = 0; t < NVB; ++t) vv[t] = loadu<V>(v + j * Nv + t * W);
 #pragma GCC unroll 8
     for (int k = 0; k < KB; ++k) {
-      const V bx = V{} + xb[tp[k]];
+      const V bx = bcast<V>(xb[tp[k]]);
 #pragma GCC unroll 4
       for (int t = 0; t < NVB; ++t) a[k][t] += bx * vv[t];
     }
@@ -233,6 +241,8 @@ void run_n(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& idx, a
   for (int d = 0; d < 4; ++d) sx[d] = x.stride(d), sv[d] = vals.stride(d);
   for (int d = 0; d < 3; ++d) si[d] = idx.stride(d);
   std::vector<int64_t> tap(K);
+  std::vector<int64_t> posoff(HoWo);   // offset of the window corner of output position oh Wo + ow
+  for (int64_t q = 0; q < HoWo; ++q) posoff[q] = (q / Wo) * st[0] * sx[2] + (q % Wo) * st[1] * sx[3];
   for (int64_t i = 0; i < Cig; ++i)
     for (int64_t a = 0; a < KH; ++a)
       for (int64_t c = 0; c < KW; ++c) tap[(i * KH + a) * KW + c] = i * sx[1] + a * dil[0] * sx[2] + c * dil[1] * sx[3];
@@ -251,22 +261,32 @@ void run_n(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& idx, a
       const T* xg = xp + (o / Cog) * Cig * sx[1];
       const T* vo = vp + o * sv[0];
       const int64_t* io = ip + o * si[1];
+      int64_t b = 0, p = 0;   // (b, p) of the next maximum, advanced without divisions
       for (int64_t j0 = 0; j0 < BP; j0 += PB) {
-        const int64_t pb = std::min(PB, BP - j0);
+        const int64_t pb = std::min(PB, BP - j0), b0 = b, p0 = p;
         for (int64_t jj = 0; jj < pb; ++jj) {
-          const int64_t j = j0 + jj, b = j / P, p = j % P;
           const int64_t pos = io[b * si[0] + p * si[2]];
-          T* v = vb.data() + jj * Nv;
           if (pos < 0 || pos >= HoWo) {   // reported after the loop; contributes nothing
             bad.store(pos);
-            off[jj] = 0;
-            std::fill(v, v + N, T(0));
-            continue;
+            off[jj] = -1;
+          } else {
+            off[jj] = b * sx[0] + posoff[pos];
           }
-          off[jj] = b * sx[0] + (pos / Wo) * st[0] * sx[2] + (pos % Wo) * st[1] * sx[3];
-          const T* vs = vo + b * sv[2] + p * sv[3];
-          for (int64_t n = 0; n < N; ++n) v[n] = vs[n * sv[1]];
+          if (++p == P) p = 0, ++b;
         }
+        // the values, by runs of slots p of one sample and seed by seed (a contiguous vals: contiguous reads)
+        for (int64_t jj = 0, bb = b0, pp = p0; jj < pb;) {
+          const int64_t run = std::min(pb - jj, P - pp);
+          for (int64_t n = 0; n < N; ++n) {
+            const T* src = vo + n * sv[1] + bb * sv[2] + pp * sv[3];
+            T* dst = vb.data() + jj * Nv + n;
+            for (int64_t r = 0; r < run; ++r) dst[r * Nv] = src[r * sv[3]];
+          }
+          jj += run, pp += run;
+          if (pp == P) pp = 0, ++bb;
+        }
+        for (int64_t jj = 0; jj < pb; ++jj)
+          if (off[jj] < 0) off[jj] = 0, std::fill(vb.data() + jj * Nv, vb.data() + jj * Nv + N, T(0));
         fn(xg, off.data(), tap.data(), K, vb.data(), pb, Nv, acc.data());
       }
       for (int64_t n = 0; n < N; ++n) {
@@ -301,6 +321,8 @@ void run(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& idx, at:
   for (int d = 0; d < 4; ++d) g.sx[d] = x.stride(d), g.sv[d] = vals.stride(d);
   for (int d = 0; d < 3; ++d) g.si[d] = idx.stride(d);
   g.tap.resize(g.K);
+  g.posoff.resize(g.HoWo);
+  for (int64_t q = 0; q < g.HoWo; ++q) g.posoff[q] = (q / g.Wo) * g.sh * g.sx[2] + (q % g.Wo) * g.sw * g.sx[3];
   for (int64_t i = 0; i < g.Cig; ++i)
     for (int64_t a = 0; a < KH; ++a)
       for (int64_t c = 0; c < KW; ++c)
@@ -321,10 +343,10 @@ void run(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& idx, at:
       const scalar_t* xg = xp + (o / g.Cog) * g.Cig * g.sx[1];
       const scalar_t* vo = vp + o * g.sv[0];
       const int64_t* io = ip + o * g.si[1];
+      int64_t b = 0, p = 0;   // (b, p) of the next maximum, advanced without divisions
       for (int64_t j0 = 0; j0 < g.BP; j0 += g.PB) {
         const int64_t pb = std::min(g.PB, g.BP - j0);
-        for (int64_t jj = 0; jj < pb; ++jj) {
-          const int64_t j = j0 + jj, b = j / g.P, p = j % g.P;
+        for (int64_t jj = 0; jj < pb; ++jj, (++p == g.P ? (p = 0, ++b) : b)) {
           const int64_t pos = io[b * g.si[0] + p * g.si[2]];
           T* w = win.data() + jj * g.Kpad;
           T* v = vb.data() + jj * g.Npad;
@@ -333,8 +355,7 @@ void run(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& idx, at:
             std::fill(v, v + g.N, T(0));
             continue;
           }
-          const int64_t oh = pos / g.Wo, ow = pos % g.Wo;
-          const scalar_t* base = xg + b * g.sx[0] + oh * g.sh * g.sx[2] + ow * g.sw * g.sx[3];
+          const scalar_t* base = xg + b * g.sx[0] + g.posoff[pos];
           for (int64_t k = 0; k < g.K; ++k) w[k] = static_cast<T>(base[g.tap[k]]);
           const scalar_t* vs = vo + b * g.sv[2] + p * g.sv[3];
           for (int64_t n = 0; n < g.N; ++n) v[n] = static_cast<T>(vs[n * g.sv[1]]);
