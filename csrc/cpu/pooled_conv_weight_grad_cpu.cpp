@@ -2,14 +2,19 @@
 // nonzero only at one position per (sample b, output channel o, pooled slot p):
 //   dW[n, o, i, a, c] = sum_{b, p} vals[o, n, b, p] x_pad[b, g(o) Cig + i, oh sh + a dh, ow sw + c dw],
 //   (oh, ow) = divmod(idx[b, o, p], Wo).
-// Output channels in parallel (at::parallel_for). Per o, the N x K (K = Cig kh kw) accumulator stays
-// in a thread-local buffer (L1/L2); the (b, p) maxima are taken in chunks of PB: each window of x_pad
-// is read once into a small [PB, Kpad] scratch (and the chunk's values into [PB, Npad]), then a
-// register-blocked micro-kernel (4 seeds x 3 vectors of window entries) adds the rank-PB update
-// acc[n, k] += sum_j v[j, n] win[j, k]. No unfolded matrix or gathered copy bigger than one chunk.
-// Inputs of any strides are read in place; fp16/bf16 are converted to fp32 when read (accumulate in
-// fp32, returned in the input dtype). The micro-kernel is compiled twice (AVX2+FMA and baseline SSE2)
-// and picked at run time (bnmem_common.h cpu_use_avx2; BNMEM_CPU_ISA=baseline forces SSE2).
+// Output channels in parallel (at::parallel_for); per o, an N x K accumulator (K = Cig kh kw) in a
+// thread-local buffer (L1/L2), the (b, p) maxima taken in chunks. Two register-blocked routes:
+//  * seeds in vector lanes (fp32/fp64 with N >= the vector width; the bench shapes): acc [K, Nv]; per
+//    maximum j the window entries are read IN PLACE from x_pad (window corner + per-entry offset) and
+//    broadcast against the chunk's values v[j, :] (6 entries x 2 vectors of seeds per register block);
+//    no window is copied at all;
+//  * window entries in vector lanes (N below the width, and fp16/bf16): each window is read once into
+//    a [PB, Kpad] chunk scratch (fp16/bf16 converted to fp32 there), then 4 seeds x 3 vectors of
+//    entries per register block, acc [Npad, Kpad] += v^T win.
+// No unfolded matrix, no gathered copy bigger than one chunk; (b, p) and window corners without
+// divisions. Inputs of any strides are read in place; fp16/bf16 accumulate in fp32 and are returned
+// in the input dtype. The micro-kernels are compiled twice (AVX2+FMA and baseline SSE2) and picked at
+// run time (bnmem_common.h cpu_use_avx2; BNMEM_CPU_ISA=baseline forces SSE2; the tests run both).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
