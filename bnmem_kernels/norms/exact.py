@@ -114,7 +114,7 @@ def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=No
                 if len(args) != 1:
                     raise ChainUnsupported(f"{len(args)} inputs (a chain takes one)")
                 ch = min(B, max_chunk or CHAIN_CHUNK)
-                sq, info = chain_sq_norms(layers, loss_fn, args[0], targets, names, params, acc, B, ch)
+                sq, info = chain_sq_norms(layers, loss_fn, args[0], targets, names, params, acc, B, ch, backend)
                 if sq is None:
                     check_losses(info["losses"], B)
                 report.update(info)

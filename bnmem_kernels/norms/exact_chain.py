@@ -285,6 +285,7 @@ def _forward(layers, x, index, arena):
     with torch.no_grad():
         for m, kind in layers:
             r = _Rec(m, kind, x, arena)
+            r.backend = arena.backend
             r.params = _own_params(m, index)
             if kind == "bn":
                 if x.dim() not in (2, 3, 4):
@@ -410,11 +411,22 @@ def _conv_wgrad(r, D):
 
 
 def _conv_pooled_wgrad(r, pooled):
-    """The weight gradient of a pooled gradient: per output channel o, the unfolded input at o's maxima
-    only (gathered once, [O, B P, r]) -> [n, O, r]; 1/K^2 of the dense GEMM's work for K x K pools."""
+    """The weight gradient of a pooled gradient -> [n, O, r]: only the input windows at the maxima
+    enter (1/K^2 of the dense GEMM's work for K x K pools). By the pooled_conv_weight_grad kernel
+    (windows read in place) on the backend `r.backend` selects; where auto finds no compiled or Triton
+    backend, by the plain-PyTorch route below (a row gather of the unfolded input, then a GEMM per
+    output channel), faster than the op's reference, same numbers to rounding."""
+    from ..ops.pooled_conv_weight_grad import pooled_conv_weight_grad
+
     c = r.cache["geom"]
     vals = pooled.vals
     O, n, B, P = vals.shape
+    if r.backend != "torch":
+        if "x_pad" not in r.cache:
+            r.cache["x_pad"] = F.pad(r.x, (c.p[1], c.p[1], c.p[0], c.p[0])) if any(c.p) else r.x
+        out = pooled_conv_weight_grad(r.cache["x_pad"], vals, pooled.idx, (c.Ho, c.Wo), c.k, c.s, c.dil, c.g,
+                                      backend=r.backend)
+        return out.view(n, O, c.r)
     key = ("Ug", id(pooled.idx))
     if key not in r.cache:
         # rows of the unfolded input [g B L, r] at every (o, b, p)'s maximum: one row gather
@@ -442,18 +454,15 @@ def _conv_affine_terms(r, xhat):
     return r.cache["aff"]
 
 
-def _conv_input_grad(c, D, out=None):
+def _conv_input_grad(c, D):
     """Input gradient of the conv for output gradients D [N, O, Ho, Wo]: one transposed convolution
-    (mkldnn's deconvolution runs ~2x faster than convolution_backward's input gradient on CPU),
-    written into `out` if given."""
+    (mkldnn's deconvolution runs ~2x faster than convolution_backward's input gradient on CPU)."""
     op = []
     for a in range(2):
         size = (c.Ho if a == 0 else c.Wo) - 1
         full = size * c.s[a] - 2 * c.p[a] + c.dil[a] * (c.k[a] - 1) + 1
         op.append((c.H if a == 0 else c.Wd) - full)
-    if out is None:
-        return F.conv_transpose2d(D, c.W, None, c.s, c.p, tuple(op), c.g, c.dil)
-    return torch.ops.aten.convolution.out(D, c.W, None, list(c.s), list(c.p), list(c.dil), True, op, c.g, out=out)
+    return F.conv_transpose2d(D, c.W, None, c.s, c.p, tuple(op), c.g, c.dil)
 
 
 _BASIS_NUMEL = 2**24
@@ -521,16 +530,17 @@ def _conv_back(r, G, n, need_input, want_bias=True):
         wg = wg.view(n, *c.W.shape)
     if not need_input:
         return wg, bg, None
-    out = _workspace(r, "ws_in", (n * c.B, c.I, c.H, c.Wd), c.W)
     if G.dense is None and G.pooled is None and _conv_basis(r, G.affine[2]) is not None:
         # affine only (under the top BatchNorm): the input gradient from the 2C basis directions
         alpha, beta, _ = G.affine
         P, Qt = _conv_basis(r, G.affine[2])
+        out = _workspace(r, "ws_in", (n * c.B, c.I, c.H, c.Wd), c.W)
         D = torch.mm(beta, Qt, out=out.view(n, -1)).view(n, c.B, c.I, c.H, c.Wd)
         return wg, bg, _Grad(D.add_((alpha @ P).view(n, 1, c.I, c.H, c.Wd)))
-    # every form scattered/expanded to full resolution, then one transposed convolution
+    # every form scattered/expanded to full resolution, then one transposed convolution (its output
+    # fresh: aten's convolution.out computes into a temporary and copies)
     D = G.materialize(n, shape, c.W.dtype, c.W.device, out=_workspace(r, "ws_out", (n,) + shape, c.W))
-    D = _conv_input_grad(c, D.view(n * c.B, *shape[1:]), out=out).view(n, c.B, c.I, c.H, c.Wd)
+    D = _conv_input_grad(c, D.view(n * c.B, *shape[1:])).view(n, c.B, c.I, c.H, c.Wd)
     return wg, bg, _Grad(D)
 
 
@@ -658,16 +668,23 @@ def per_sample_loss_grads(loss_fn, out, targets, losses):
     return dout
 
 
-def chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk):
+def chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, backend=None):
     """({name: [B] squared exact per-sample gradient norms}, info) for the chain `layers` (chain_layers).
-    Raises ChainUnsupported when the loss is not per sample (the caller takes another path)."""
+    `backend` (None/"auto", "cuda", "triton", "cpu", "reference"): where the pooled_conv_weight_grad
+    kernel runs. Raises ChainUnsupported when the loss is not per sample (the caller takes another path)."""
     dt = params[0].dtype
     if targets is not None and not isinstance(targets, torch.Tensor):
         raise ChainUnsupported(f"targets of type {type(targets).__name__} cannot be split per sample")
     if dt not in (torch.float32, torch.float64) or x.dtype != dt:
         raise ChainUnsupported(f"dtype {dt} (the chain engine runs fp32 and fp64 models)")
     index = {id(p): q for q, p in enumerate(params)}
+    from .. import _backend
+
+    which = _backend.select_backend("pooled_conv_weight_grad", x.device, None if backend == "auto" else backend)
+    if which == "reference" and backend in (None, "auto") and not os.environ.get(_backend.ENV_VAR):
+        which = "torch"          # nothing compiled: the plain-PyTorch gather route, not the slow definition
     arena = _Arena()
+    arena.backend = which
     try:
         return _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, index, arena)
     finally:
@@ -777,5 +794,6 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
     for nm in zero:
         sq[nm].zero_()
     info = {"layers": len(recs), "bn_calls": len(bns), "chunk": chunk, "zero_biases": zero,
+            "pooled_wgrad_backend": arena.backend,
             "pooled": sum(1 for r in recs if r.kind == "maxpool")}
     return sq, info

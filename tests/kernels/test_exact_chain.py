@@ -197,8 +197,7 @@ def test_forms_are_exercised(monkeypatch):
     import bnmem_kernels.norms.exact_chain as ec
 
     pooled, basis = [], []
-    if not (hasattr(ec, "_Pooled") and hasattr(ec, "_conv_basis")):
-        pytest.skip("exact_chain internals renamed")
+    assert hasattr(ec, "_Pooled") and hasattr(ec, "_conv_basis"), "exact_chain internals renamed: update the spies"
 
     class Spy(ec._Pooled):
         def __init__(self, *a, **kw):
@@ -699,3 +698,35 @@ def test_non_contiguous_inputs():
     exp2 = reference(m2, ce, xt.contiguous(), y2, mode="exact")
     torch.manual_seed(2)
     assert rel(exact_report(m2, ce, xt, y2, path="chain")[0], exp2) <= 1e-10
+
+
+# ---------------------------------------------------------------------------------------------- 10. kernel backends
+
+@pytest.mark.parametrize("backend", [None, "reference", "cpu", "triton", "cuda"])
+def test_every_backend_of_the_pooled_kernel_gives_the_loops_numbers(backend):
+    """The chain's weight gradients on max-pool maxima go through pooled_conv_weight_grad on the chosen
+    backend (Triton in the interpreter here); auto without a compiled backend takes the plain-PyTorch
+    gather route ("torch")."""
+    from bnmem_kernels._backend import unavailable_reason
+
+    if backend is not None and unavailable_reason(backend, torch.device("cpu")):
+        pytest.skip(f"{backend}: {unavailable_reason(backend, torch.device('cpu'))}")
+    m, shape, k = make("vgg")
+    x, y = data(shape, 5, k)
+    exp, exp_pl = reference(m, ce, x, y, mode="exact", per_layer=True)
+    (out, pl), rep = exact_report(m, ce, x, y, path="chain", per_layer=True, backend=backend)
+    assert rep["pooled_wgrad_backend"] == (backend or "cpu")
+    assert rel(out, exp) <= 1e-10
+    check_per_layer(pl, exp_pl, exp.max().item(), 1e-10)
+
+
+def test_auto_without_compiled_backends_takes_the_torch_route(monkeypatch):
+    import bnmem_kernels._backend as be
+
+    real = be.unavailable_reason
+    monkeypatch.setattr(be, "unavailable_reason", lambda b, d: "disabled in this test" if b == "cpu" else real(b, d))
+    m, shape, k = make("vgg")
+    x, y = data(shape, 5, k)
+    out, rep = exact_report(m, ce, x, y, path="chain")
+    assert rep["pooled_wgrad_backend"] == "torch"
+    assert rel(out, reference(m, ce, x, y, mode="exact")) <= 1e-10
