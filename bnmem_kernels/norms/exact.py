@@ -34,8 +34,10 @@ None -> DEFAULT_CHUNK (CHAIN_CHUNK seeds per chunk on the chain path). Memory gr
 (torch's batched backward, is_grads_batched, measured ~3x slower there), spread over worker threads
 with one intra-op thread each (norms/_parallel.py; BNMEM_PASS_THREADS sets their number, default
 torch.get_num_threads()); on GPUs batched per chunk.
-`backend` is validated and otherwise unused: these paths run on PyTorch ops on the inputs' device
-(the bn_seeded_backward kernel is not on their critical path yet).
+`backend`: on the chain path, where the pooled_conv_weight_grad kernel runs (the weight gradients on
+max-pool maxima); the other paths run PyTorch ops on the inputs' device and only validate it.
+The chain path keeps its large buffers between calls (exact_chain.release_workspaces(); at most
+BNMEM_EXACT_POOL_MB MiB, default 256, 0 disables).
 The model is left exactly as it was (training flags, buffers incl. BN running stats and
 num_batches_tracked, .grad, hooks).
 """
