@@ -635,37 +635,28 @@ class LossCouplesSamples(ChainUnsupported):
 
 
 def per_sample_loss_grads(loss_fn, out, targets, losses):
-    """d l_i / d out_i for every i, by torch.func.vmap of loss_fn on one sample at a time, after
-    checking that loss_fn is per sample: the per-sample values equal the batch's `losses`, and the
-    batch losses' gradient w.r.t. `out` is block-diagonal, checked by one random probe
-    (grad of sum_i v_i l_i == v_i * the per-sample gradients; a loss that couples samples only in its
-    gradient, e.g. l - l.mean() + l.mean().detach(), fails it). `losses` = loss_fn(out, targets) with
-    its graph. Raises LossCouplesSamples, or ChainUnsupported when the loss has no vmap rule."""
-    from torch.func import grad, vmap
-
-    o = out.detach()
-
-    def one(oi, ti):
-        li = loss_fn(oi.unsqueeze(0), None if ti is None else ti.unsqueeze(0)).reshape(())
-        return li, li.detach()
-    try:
-        dout, l2 = vmap(grad(one, has_aux=True), in_dims=(0, None if targets is None else 0))(o, targets)
-    except Exception as exc:   # no vmap rule in the loss
-        raise ChainUnsupported(f"per-sample loss under vmap failed: {type(exc).__name__}: {exc}") from exc
-    rtol = _LOSS_RTOL.get(o.dtype, 1e-2)
-    l1 = losses.detach()
-    lscale = l1.abs().mean() + torch.finfo(l1.dtype).tiny
-    if not bool(((l2 - l1).abs() <= rtol * (l1.abs() + lscale)).all()):
-        raise LossCouplesSamples("loss_fn couples the samples (per-sample losses differ from the batch's)")
+    """d l_i / d out_i for every i, after checking that loss_fn is per sample: the batch losses'
+    Jacobian w.r.t. `out` must be block-diagonal (l_i depends on out_i alone). Two backward passes of
+    the loss: G0 = d(sum_i l_i)/d out and G1 = d(sum_i v_i l_i)/d out with random v_i in [1, 2]; with a
+    block-diagonal Jacobian G1_j = v_j G0_j, otherwise the rows differ (for random v, unless every
+    off-diagonal block is zero). A loss that couples samples only in its gradient, e.g.
+    l - l.mean() + l.mean().detach(), fails it; one whose coupling carries no gradient (a detached batch
+    term) passes, rightly: it changes no gradient. Then G0_i = d l_i / d out_i.
+    `losses` = loss_fn(out, targets) [B] with its graph (kept). Raises LossCouplesSamples."""
+    rtol = _LOSS_RTOL.get(out.dtype, 1e-2)
     gen = torch.Generator().manual_seed(1234)                   # the user's RNG stays untouched
-    v = (1.0 + torch.rand(l1.shape[0], generator=gen, dtype=torch.float64)).to(l1.dtype).to(l1.device)
-    probe = torch.autograd.grad(losses, out, grad_outputs=v, retain_graph=True, allow_unused=True)[0]
-    want = dout * v.view([-1] + [1] * (dout.dim() - 1))
-    gscale = want.abs().mean() + torch.finfo(l1.dtype).tiny
-    if probe is None or not bool(((probe - want).abs() <= rtol * (want.abs() + gscale)).all()):
+    v = (1.0 + torch.rand(losses.shape[0], generator=gen, dtype=torch.float64)).to(losses.dtype).to(losses.device)
+    g0, = torch.autograd.grad(losses, out, grad_outputs=torch.ones_like(losses), retain_graph=True,
+                              allow_unused=True)
+    g1, = torch.autograd.grad(losses, out, grad_outputs=v, retain_graph=True, allow_unused=True)
+    if g0 is None or g1 is None:
+        raise LossCouplesSamples("loss_fn's losses do not depend on the model's outputs")
+    want = g0 * v.view([-1] + [1] * (g0.dim() - 1))
+    scale = want.abs().mean() + torch.finfo(want.dtype).tiny
+    if not bool(((g1 - want).abs() <= rtol * (want.abs() + scale)).all()):
         raise LossCouplesSamples("loss_fn couples the samples in its gradient (d(sum_i v_i l_i)/d out is not "
                                  "v_i * d l_i / d out_i)")
-    return dout
+    return g0
 
 
 def chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, backend=None):

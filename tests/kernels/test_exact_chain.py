@@ -454,7 +454,16 @@ def _refused(case):
 
 
 REFUSED = ["not_sequential", "seq_own_forward", "nested_own_forward", "groupnorm", "used_twice", "bf16",
-           "coupling_loss", "linear_3d", "padding_mode", "padding_same", "no_vmap_rule", "list_targets"]
+           "coupling_loss", "linear_3d", "padding_mode", "padding_same", "list_targets"]
+
+
+def test_loss_without_vmap_rule_runs_on_the_chain():
+    """The chain reads the per-sample gradients at the output off the batch loss (checked block-diagonal by
+    a random probe), so a per-sample loss with no vmap rule (.item() of a detached batch term) is fine."""
+    m, shape, k, loss, dt, _ = _refused("no_vmap_rule")
+    x, y = data(shape, 6, k, dt)
+    out, rep = exact_report(m, loss, x, y, path="chain")
+    assert rep["path"] == "chain" and rel(out, reference(m, loss, x, y, mode="exact")) <= 1e-10
 
 
 @pytest.mark.parametrize("case", REFUSED)
