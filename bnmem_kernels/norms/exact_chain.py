@@ -573,15 +573,18 @@ def _bn_sums(r, G, n):
     return s1, s2
 
 
-def _diag_backward(recs, dout, need_below):
+def _diag_backward(recs, dout, need_below, merge=None):
     """The diagonal part for all B seeds at once (row j = seed j): one backward of the batch with the
     BatchNorm statistics held fixed. Stores, per parameter layer, the gradient at its output, and per
-    BatchNorm the per-seed sums (sum dy, sum dy xhat) [B, C] that spawn the coupling part."""
+    BatchNorm the per-seed sums (sum dy, sum dy xhat) [B, C] that spawn the coupling part. Stops at
+    layer `merge` (its output gradient stored): below it the coupling pass carries the diagonal too."""
     g = dout.unsqueeze(0)                                     # [1, B, *out]
     for k in range(len(recs) - 1, -1, -1):
         r = recs[k]
-        if r.params and r.kind != "bn":
+        if (r.params and r.kind != "bn") or k == merge:
             r.diag_out = g[0]
+        if k == merge:
+            break
         if r.kind == "bn":
             dy = g[0]
             sp = list(range(2, dy.dim()))
@@ -698,9 +701,13 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
     K = len(recs)
     has_params = [bool(r.params) for r in recs]
     need_below = [any(has_params[:k]) for k in range(K)]      # input gradient of layer k needed
-    _diag_backward(recs, dout, need_below)
     bns = [k for k, r in enumerate(recs) if r.kind == "bn"]
     top = bns[-1]
+    # the first max pool below the top BN: there the diagonal part joins the coupling part (at its
+    # sample's row), so that below it one pooled pass carries both (no per-sample weight gradients)
+    merge = next((k for k in range(top - 1, -1, -1) if recs[k].kind == "maxpool" and len(recs[k].xshape) in (3, 4)
+                  and need_below[k]), None)
+    _diag_backward(recs, dout, need_below, merge)
     # a bias whose output feeds a train-mode BatchNorm directly: exactly zero (BN removes shifts)
     zero_bias = [k + 1 < K and recs[k + 1].kind == "bn" and r.kind in ("conv", "linear") for k, r in enumerate(recs)]
     zero = [names[q] for k, r in enumerate(recs) if zero_bias[k] for s, q in r.params if s == "bias"]
@@ -718,7 +725,8 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
         G = _Grad()
         for k in range(K - 1, -1, -1):
             r = recs[k]
-            if r.params:
+            merged = merge is not None and k < merge          # the diagonal part travels in G here
+            if r.params and not merged:
                 for s, g in _per_sample_wgrad(r, rows).items():
                     acc_grad(dict(r.params)[s], g)
             if k > top:
@@ -727,14 +735,18 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
                 if G.affine is not None:           # a BatchNorm right above this one: its BN term, dense
                     G = _Grad(G.materialize(n, r.yshape, dt, x.device))
                 e1, e2 = _bn_sums(r, G, n)               # the coupling part's sums (None above the top BN)
-                s1, s2 = r.diag_s1[start:start + n], r.diag_s2[start:start + n]
                 slots = dict(r.params)
                 if e1 is not None:
                     if "weight" in slots:
                         acc_grad(slots["weight"], e2)
                     if "bias" in slots:
                         acc_grad(slots["bias"], e1)
-                    s1, s2 = s1 + e1, s2 + e2
+                if merged:
+                    s1, s2 = e1, e2
+                else:
+                    s1, s2 = r.diag_s1[start:start + n], r.diag_s2[start:start + n]
+                    if e1 is not None:
+                        s1, s2 = s1 + e1, s2 + e2
                 if not need_below[k]:
                     break
                 sc = r.scale
@@ -759,6 +771,12 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
                 break
             # sample-wise layers: a max pool starts a pooled form (the gradient on its maxima), which the
             # elementwise layers beneath keep (their derivative at the maxima); else dense
+            if k == merge:
+                # the diagonal part joins: seed j's own gradient at this pool's output, on its sample's row
+                D = G.materialize(n, r.yshape, dt, x.device)
+                D = torch.zeros((n,) + r.yshape, dtype=dt, device=x.device) if D is None else D.clone()
+                D.view(n, B, -1)[torch.arange(n), torch.arange(start, start + n)] += r.diag_out[start:start + n].reshape(n, -1)
+                G = _Grad(D)
             if r.kind == "maxpool" and len(r.xshape) in (3, 4) and G.pooled is None and G.affine is None \
                     and G.dense is not None:
                 vals = _workspace(r, "ws_vals", (r.idx.shape[1], n) + tuple(r.idx.shape[::2]), G.dense)
