@@ -472,8 +472,9 @@ def _conv_basis(r, xhat):
     """(P [O, I H W], Qt [O, B I H W]): the input gradients of the per-channel directions 1 and xhat
     (groups = 1), for a gradient that is affine only (under the top BatchNorm): then every seed's input
     gradient is alpha @ P + beta @ Qt, a GEMM of O-long rows instead of a transposed convolution per
-    seed. None where that is not cheaper or Q would be too large. Q is built one output channel at a
-    time (O small transposed convolutions; a grouped one is ~10x slower on CPU)."""
+    seed. None where that is not cheaper or Q would be too large. Q: for stride 1 one batched GEMM of
+    the unfolded single-channel xhat with the flipped kernels; else one output channel at a time (O
+    small transposed convolutions; a grouped one is ~10x slower on CPU)."""
     if "basis" not in r.cache:
         c = r.cache["geom"]
         cheaper = c.H * c.Wd * 2 <= c.Ho * c.Wo * c.k[0] * c.k[1]
@@ -484,11 +485,21 @@ def _conv_basis(r, xhat):
             eye = torch.eye(c.O, dtype=W.dtype, device=W.device).view(c.O, c.O, 1, 1).expand(c.O, c.O, c.Ho, c.Wo)
             P = _conv_input_grad(c, eye.contiguous())
             Q = r.arena.empty((c.O, c.B, c.I, c.H, c.Wd), W.dtype, W.device)
-            sub = _ConvGeom.__new__(_ConvGeom)
-            sub.__dict__.update(c.__dict__)
-            for o in range(c.O):
-                sub.W = W[o:o + 1]
-                Q[o] = _conv_input_grad(sub, xhat[:, o:o + 1])
+            tp = [c.dil[a] * (c.k[a] - 1) - c.p[a] for a in range(2)]      # the transposed conv's padding
+            if c.s == (1, 1) and min(tp) >= 0:
+                # stride 1: Q[o] = xhat[:, o] correlated with W[o] flipped, i.e. the unfolded single-channel
+                # xhat times W[o]: one batched GEMM over o
+                U = F.unfold(xhat.reshape(c.B * c.O, 1, c.Ho, c.Wo), c.k, dilation=c.dil, padding=tp)
+                kk = c.k[0] * c.k[1]
+                U = U.view(c.B, c.O, kk, c.H * c.Wd).permute(1, 2, 0, 3).reshape(c.O, kk, c.B * c.H * c.Wd)
+                Wf = W.flip(2, 3).reshape(c.O, c.I, kk)
+                Q.view(c.O, c.B, c.I, c.H * c.Wd).copy_(torch.bmm(Wf, U).view(c.O, c.I, c.B, -1).transpose(1, 2))
+            else:
+                sub = _ConvGeom.__new__(_ConvGeom)
+                sub.__dict__.update(c.__dict__)
+                for o in range(c.O):
+                    sub.W = W[o:o + 1]
+                    Q[o] = _conv_input_grad(sub, xhat[:, o:o + 1])
             r.cache["basis"] = (P.reshape(c.O, -1), Q.view(c.O, -1))
     return r.cache["basis"]
 

@@ -739,3 +739,29 @@ def test_auto_without_compiled_backends_takes_the_torch_route(monkeypatch):
     out, rep = exact_report(m, ce, x, y, path="chain")
     assert rep["pooled_wgrad_backend"] == "torch"
     assert rel(out, reference(m, ce, x, y, mode="exact")) <= 1e-10
+
+
+@pytest.mark.parametrize("stride,dilation", [(1, 1), (1, 2), (2, 1)])
+def test_basis_input_gradient_under_the_top_bn(monkeypatch, stride, dilation):
+    """The conv right under the top BN takes its input gradient from the 2C basis directions (built by one
+    batched GEMM for stride 1, one small transposed convolution per channel otherwise): the loop's numbers."""
+    import bnmem_kernels.norms.exact_chain as ec
+
+    built = []
+    real = ec._conv_basis
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        built.append(out is not None)
+        return out
+    monkeypatch.setattr(ec, "_conv_basis", spy)
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                      nn.Conv2d(4, 5, 3, stride=stride, padding=dilation, dilation=dilation), nn.BatchNorm2d(5),
+                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).double()
+    x, y = data((2, 7, 7), 6, 3)
+    exp, exp_pl = reference(m, ce, x, y, mode="exact", per_layer=True)
+    (out, pl), rep = exact_report(m, ce, x, y, path="chain", per_layer=True, max_chunk=4)
+    assert built and all(built)
+    assert rel(out, exp) <= 1e-10
+    check_per_layer(pl, exp_pl, exp.max().item(), 1e-10)
