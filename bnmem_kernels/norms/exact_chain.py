@@ -786,7 +786,8 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
                 # the diagonal part joins: seed j's own gradient at this pool's output, on its sample's row
                 D = G.materialize(n, r.yshape, dt, x.device)
                 D = torch.zeros((n,) + r.yshape, dtype=dt, device=x.device) if D is None else D.clone()
-                D.view(n, B, -1)[torch.arange(n), torch.arange(start, start + n)] += r.diag_out[start:start + n].reshape(n, -1)
+                j = torch.arange(n, device=D.device)
+                D.view(n, B, -1)[j, j + start] += r.diag_out[start:start + n].reshape(n, -1)
                 G = _Grad(D)
             if r.kind == "maxpool" and len(r.xshape) in (3, 4) and G.pooled is None and G.affine is None \
                     and G.dense is not None:
