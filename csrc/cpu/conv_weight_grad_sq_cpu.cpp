@@ -121,19 +121,7 @@ void pack_g(const scalar_t* g, const int64_t* gs, const Geometry& geo, T* gq) {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-#define BNMEM_INLINE inline __attribute__((always_inline))
-
-template <typename V, typename T>
-BNMEM_INLINE V loadu(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-BNMEM_INLINE void storeu(T* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
-}
+#include "../include/bnmem_simd_inl.h"  // loadu, storeu, bcast (inside this region on purpose)
 
 // acc[c][t] (vector partial sums at tile + (c * ld + t) * W) += sum over segments s < nseg and
 // v < len of g[c][s sg + v] * x[t][s sx + v]; CB x TB accumulators stay in registers.

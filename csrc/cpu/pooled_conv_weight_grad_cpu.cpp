@@ -53,26 +53,7 @@ int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-#define BNMEM_INLINE inline __attribute__((always_inline))
-
-template <typename V, typename T>
-BNMEM_INLINE V loadu(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-BNMEM_INLINE void storeu(T* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
-// all lanes = s. (V{} + s compiles to one scalar add and a broadcast; the exact identities s - V{} or a
-// lane-by-lane fill compile to a chain of lane inserts with GCC 12 here.)
-template <typename V, typename T>
-BNMEM_INLINE V bcast(T s) {
-  return V{} + s;
-}
+#include "../include/bnmem_simd_inl.h"  // loadu, storeu, bcast (inside this region on purpose)
 
 // acc[c, t W .. t W + W) += sum_{j < pb} v[j Npad + c] win[j Kpad + t W ..], c < kNB, t < TB.
 template <int TB, typename V, typename T>

@@ -14,19 +14,7 @@ from bnmem_kernels.norms._checks import trainable_parameters
 from bnmem_kernels.norms.exact import ExactFallbackWarning, exact_report
 from bnmem_kernels.norms.exact_chain import ChainUnsupported, release_workspaces
 from bnmem_kernels.reference import per_sample_grad_norms as reference
-
-
-def ce(o, t):
-    return F.cross_entropy(o, t, reduction="none")
-
-
-def data(shape, B, k, dtype=torch.float64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, *shape, generator=g, dtype=dtype), torch.randint(0, k, (B,), generator=g)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).abs() / b.double().abs()).max().item()
+from test_exact import ce, data, rel      # the same loss, data and error measure as the other exact tests
 
 
 def check_per_layer(pl, expected_pl, total_scale, tol):
