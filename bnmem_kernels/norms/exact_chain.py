@@ -231,9 +231,13 @@ class _Pooled:
         return g.permute(1, 0, 2).unsqueeze(1).contiguous()
 
     def sums(self, w=None):
-        """[n, C]: sum over samples and maxima of vals (weighted by w [C, 1, B, P])."""
-        v = self.vals if w is None else self.vals * w
-        return v.sum((2, 3)).t()
+        """[n, C]: sum over samples and maxima of vals (weighted by w [C, 1, B, P]; the products a few
+        channels at a time, so no temporary as large as vals)."""
+        if w is None:
+            return self.vals.sum((2, 3)).t()
+        C = self.vals.shape[0]
+        step = max(1, C // 4)
+        return torch.cat([(self.vals[c0:c0 + step] * w[c0:c0 + step]).sum((2, 3)) for c0 in range(0, C, step)]).t()
 
     def scatter_into(self, D):
         """D [n, B, C, numel] += vals at their positions (in place)."""
@@ -255,6 +259,13 @@ class _Grad:
 
     def empty(self):
         return self.dense is None and self.pooled is None and self.affine is None
+
+    def seeds(self, j0, j1):
+        """The gradients of seeds j0..j1 only (views)."""
+        pooled = None if self.pooled is None else _Pooled(self.pooled.vals[:, j0:j1], self.pooled.idx,
+                                                          self.pooled.numel)
+        affine = None if self.affine is None else (self.affine[0][j0:j1], self.affine[1][j0:j1], self.affine[2])
+        return _Grad(None if self.dense is None else self.dense[j0:j1], pooled, affine)
 
     def materialize(self, n, shape, dtype, device, out=None):
         """Everything as one dense tensor [n, *shape] (shape includes B), written into `out` if given."""
@@ -466,6 +477,7 @@ def _conv_input_grad(c, D):
 
 
 _BASIS_NUMEL = 2**24
+DGRAD_SEEDS = 4
 
 
 def _conv_basis(r, xhat):
@@ -548,11 +560,17 @@ def _conv_back(r, G, n, need_input, want_bias=True):
         out = _workspace(r, "ws_in", (n * c.B, c.I, c.H, c.Wd), c.W)
         D = torch.mm(beta, Qt, out=out.view(n, -1)).view(n, c.B, c.I, c.H, c.Wd)
         return wg, bg, _Grad(D.add_((alpha @ P).view(n, 1, c.I, c.H, c.Wd)))
-    # every form scattered/expanded to full resolution, then one transposed convolution (its output
-    # fresh: aten's convolution.out computes into a temporary and copies)
-    D = G.materialize(n, shape, c.W.dtype, c.W.device, out=_workspace(r, "ws_out", (n,) + shape, c.W))
-    D = _conv_input_grad(c, D.view(n * c.B, *shape[1:])).view(n, c.B, c.I, c.H, c.Wd)
-    return wg, bg, _Grad(D)
+    # every form scattered/expanded to full resolution, then transposed convolutions, DGRAD_SEEDS seeds at a
+    # time (as fast per seed as one large call, and a quarter of the memory: the materialized gradient,
+    # the convolution's output and mkldnn's own reordered copies of both)
+    out = _workspace(r, "ws_dgrad", (n * c.B, c.I, c.H, c.Wd), c.W)
+    sub = min(n, DGRAD_SEEDS)
+    ws = _workspace(r, "ws_out", (sub,) + shape, c.W)
+    for j0 in range(0, n, sub):
+        j1 = min(n, j0 + sub)
+        D = G.seeds(j0, j1).materialize(j1 - j0, shape, c.W.dtype, c.W.device, out=ws[:j1 - j0])
+        out[j0 * c.B:j1 * c.B] = _conv_input_grad(c, D.view((j1 - j0) * c.B, *shape[1:]))
+    return wg, bg, _Grad(out.view(n, c.B, c.I, c.H, c.Wd))
 
 
 def _linear_back(r, G, n, need_input, want_bias=True):
@@ -784,8 +802,8 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
             # elementwise layers beneath keep (their derivative at the maxima); else dense
             if k == merge:
                 # the diagonal part joins: seed j's own gradient at this pool's output, on its sample's row
-                D = G.materialize(n, r.yshape, dt, x.device)
-                D = torch.zeros((n,) + r.yshape, dtype=dt, device=x.device) if D is None else D.clone()
+                D = G.materialize(n, r.yshape, dt, x.device)     # an engine buffer (written in place)
+                D = torch.zeros((n,) + r.yshape, dtype=dt, device=x.device) if D is None else D
                 j = torch.arange(n, device=D.device)
                 D.view(n, B, -1)[j, j + start] += r.diag_out[start:start + n].reshape(n, -1)
                 G = _Grad(D)
