@@ -1,30 +1,35 @@
 """Exact per-sample gradients of sequential networks by a hand-written, seed-batched backward.
 
 For a model that is an nn.Sequential chain of known layers (Conv2d, Linear, BatchNorm1d/2d in train
-mode, elementwise activations, dropout, max/avg/adaptive-avg pooling, Flatten), the backward of one
-sample's loss l_i through the whole batch splits, at every level, into two parts (MATH.md, "BN's
+mode, elementwise activations, dropout, max/avg/adaptive pooling, Flatten; no hooks), the backward of
+one sample's loss l_i through the whole batch splits, at every level, into two parts (MATH.md, "BN's
 coupling, exactly"):
 
 - the *diagonal* part, living on sample i only: f_i, the gradient with BatchNorm statistics held
   fixed. For all i at once it is one ordinary backward of the batch (row i = seed i).
 - the *coupling* part, spread over the whole batch: every train-mode BatchNorm turns the gradient
   dy arriving at its output into (gamma/sigma) dy plus a per-channel affine term -(gamma/sigma)(a + b xhat),
-  a = mean(dy), b = mean(dy xhat). Below it, that term is carried per seed, for chunks of seeds.
+  a = mean(dy), b = mean(dy xhat). Below the top BatchNorm it is carried per chunk of seeds.
+At the first max pool below the top BatchNorm the diagonal part joins the coupling part (on its own
+sample's row), so from there down one pass carries both.
 
 The coupling part is carried in three forms, so that no step does more work than its structure needs:
 - affine (alpha, beta per seed and channel, at a BatchNorm's input): the Conv/Linear beneath takes
-  it in closed form: weight gradient alpha (x) sum U + beta * (xhat-weighted sum U) (one GEMM shared by
-  all seeds), input gradient alpha . P + beta . Q with P, Q the 2C basis directions of that layer's
-  transposed convolution (computed once, one grouped transposed convolution);
-- pooled (after a non-overlapping max pool, K x K windows): the gradient lives on the window maxima
-  only, one pooled-resolution tensor per window offset; a Conv beneath takes it with K^2 strided
-  weight-gradient GEMMs and transposed convolutions of 1/K^2 the size (4x fewer MACs for 2 x 2 pools);
-- dense: [chunk, B, *shape], through every layer's own batched backward.
+  it in closed form: weight gradient alpha (x) r1 + beta * Rz (two weight gradients of the conv, shared
+  by all seeds); where the gradient is affine only (under the top BatchNorm), the input gradient
+  alpha @ P + beta @ Q from the 2C basis directions of the transposed convolution (computed once);
+- pooled (below a max pool): the gradient lives on the maxima only: values [C, n, B, P] at the
+  pool's indices; elementwise layers and BatchNorms act on the values, and a Conv beneath takes its
+  weight gradient from the windows at the maxima only (the pooled_conv_weight_grad kernel: K^2 times
+  fewer MACs for K x K pools); its input gradient is one transposed convolution of the scattered
+  gradient, a few seeds at a time;
+- dense: [n, B, *shape], through every layer's own batched backward.
 
 Same numbers as the autograd loop (to rounding); the model is not modified (the forward calls each
-layer as model(x) would, BatchNorm through F.batch_norm without running statistics). `chain_layers`
-says whether a model is such a chain (ChainUnsupported otherwise, and the caller takes another path);
-`chain_sq_norms` computes {name: [B] squared norms}.
+layer as model(x) would, BatchNorm through torch's native kernel without running statistics).
+`chain_layers` says whether a model is such a chain (ChainUnsupported otherwise, and the caller takes
+another path); `chain_sq_norms` computes {name: [B] squared norms}; large buffers come from a pool
+kept between calls (_Arena, `release_workspaces`).
 """
 from __future__ import annotations
 
@@ -256,9 +261,6 @@ class _Grad:
 
     def __init__(self, dense=None, pooled=None, affine=None):
         self.dense, self.pooled, self.affine = dense, pooled, affine
-
-    def empty(self):
-        return self.dense is None and self.pooled is None and self.affine is None
 
     def seeds(self, j0, j1):
         """The gradients of seeds j0..j1 only (views)."""
