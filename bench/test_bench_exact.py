@@ -241,3 +241,89 @@ def test_sweep_over_batch_size(benchmark):
     benchmark.group = GROUP + " sweep"
     benchmark.extra_info.update(role="summary", sweep=rows, peak_mem_bytes=0)
     benchmark.pedantic(lambda: None, rounds=1)
+
+
+GPU_CASES = [("bn_cnn", 64), ("bn_cnn", 256), ("resnet18", 64), ("resnet18", 128)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("BNMEM_BENCH_EXACT_GPU_DRYRUN") != "1",
+                    reason="GPU exact bench: needs CUDA (BNMEM_BENCH_EXACT_GPU_DRYRUN=1 runs it on CPU, tiny B)")
+def test_exact_gpu(benchmark):
+    """The issue's GPU targets: exact auto vs the autograd loop and is_grads_batched on CUDA, small BN-CNN
+    and ResNet-18 (CIFAR form) at 3x32x32, B in GPU_CASES; wall time with synchronize (min of 3), peak
+    memory from torch.cuda. Writes bench/results/exact_gpu_ratios.json (device name inside)."""
+    import time
+
+    sys_path = os.path.join(os.path.dirname(__file__), "..", "python")
+    import sys
+    if sys_path not in sys.path:
+        sys.path.insert(0, sys_path)
+    from bnmem.resnet import build_resnet
+
+    dry = not torch.cuda.is_available()
+    dev = torch.device("cpu" if dry else "cuda")
+
+    def sync():
+        if not dry:
+            torch.cuda.synchronize()
+
+    def timed(fn, m, x, y, rounds=3):
+        fn(m, x, y)
+        sync()
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn(m, x, y)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    def peak(fn, m, x, y):
+        if dry:
+            return None
+        release_workspaces()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(m, x, y)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    rows = []
+    for arch, b in GPU_CASES:
+        b = 8 if dry else b
+        torch.manual_seed(0)
+        model = (bn_cnn() if arch == "bn_cnn" else build_resnet("resnet18", "bn", 3, 10, 16 if dry else 64)).to(dev)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(b, 3, 32, 32, generator=g).to(dev)
+        y = torch.randint(0, 10, (b,), generator=g).to(dev)
+        fns = {"plain_fwd_bwd": plain, "bnmem_exact_auto": lambda m, x, y: exact_report(m, ce, x, y)[0],
+               "autograd_loop": loop, "is_grads_batched": grads_batched}
+        row = {"arch": arch, "B": b, "path": exact_report(model, ce, x, y)[1]["path"]}
+        truth = loop(model, x, y).double()
+        for name, fn in fns.items():
+            try:
+                if name != "plain_fwd_bwd":
+                    err = ((fn(model, x, y).double() - truth).abs() / truth).max().item()
+                    row[name + "_max_rel_err_vs_loop"] = err
+                row[name + "_s"] = timed(fn, model, x, y)
+                row[name + "_peak_mem_bytes"] = peak(fn, model, x, y)
+            except Exception as exc:          # e.g. out of memory for the batched route
+                row[name + "_error"] = f"{type(exc).__name__}: {exc}"[:200]
+                if not dry:
+                    torch.cuda.empty_cache()
+        auto = row.get("bnmem_exact_auto_s")
+        for alt in ("autograd_loop", "is_grads_batched"):
+            if auto and row.get(alt + "_s"):
+                row["speedup_auto_vs_" + alt] = row[alt + "_s"] / auto
+        if row.get("plain_fwd_bwd_peak_mem_bytes") and row.get("bnmem_exact_auto_peak_mem_bytes") is not None:
+            row["mem_auto_vs_plain"] = row["bnmem_exact_auto_peak_mem_bytes"] / row["plain_fwd_bwd_peak_mem_bytes"]
+        rows.append(row)
+    out = {"device": "cpu (dry run)" if dry else torch.cuda.get_device_name(0), "rows": rows}
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    name = "exact_gpu_ratios_dryrun.json" if dry else "exact_gpu_ratios.json"
+    with open(os.path.join(os.path.dirname(__file__), "results", name), "w") as fh:
+        json.dump(out, fh, indent=1)
+    benchmark.group = GROUP + " gpu"
+    benchmark.extra_info.update(role="summary", gpu=out, peak_mem_bytes=0)
+    benchmark.pedantic(lambda: None, rounds=1)
