@@ -254,10 +254,6 @@ def test_exact_gpu(benchmark):
     memory from torch.cuda. Writes bench/results/exact_gpu_ratios.json (device name inside)."""
     import time
 
-    sys_path = os.path.join(os.path.dirname(__file__), "..", "python")
-    import sys
-    if sys_path not in sys.path:
-        sys.path.insert(0, sys_path)
     from bnmem.resnet import build_resnet
 
     dry = not torch.cuda.is_available()
