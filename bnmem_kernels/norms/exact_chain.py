@@ -16,8 +16,8 @@ sample's row), so from there down one pass carries both.
 The coupling part is carried in three forms, so that no step does more work than its structure needs:
 - affine (alpha, beta per seed and channel, at a BatchNorm's input): the Conv/Linear beneath takes
   it in closed form: weight gradient alpha (x) r1 + beta * Rz (two weight gradients of the conv, shared
-  by all seeds); where the gradient is affine only (under the top BatchNorm), the input gradient
-  alpha @ P + beta @ Q from the 2C basis directions of the transposed convolution (computed once);
+  by all seeds); where the gradient is affine only (under the top BatchNorm), the input gradient by
+  one transposed convolution of xhat with the seeds' kernels stacked (beta[s, o] W[o]), plus alpha @ P;
 - pooled (below a max pool): the gradient lives on the maxima only: values [C, n, B, P] at the
   pool's indices; elementwise layers and BatchNorms act on the values, and a Conv beneath takes its
   weight gradient from the windows at the maxima only (the pooled_conv_weight_grad kernel: K^2 times
@@ -318,7 +318,7 @@ def _forward(layers, x, index, arena):
                 y = x if r.d is None else x * r.d
             elif kind == "ew" and type(m) is nn.ReLU:
                 y = torch.relu(x)
-                r.d = (y > 0).to(x.dtype)            # torch's ReLU backward: the gradient where output > 0
+                r.d = y > 0          # torch's ReLU backward: the gradient where output > 0 (a bool mask: 1/4 the memory)
             elif kind == "ew":
                 with torch.enable_grad():
                     xr = x.detach().requires_grad_(True)
@@ -467,62 +467,50 @@ def _conv_affine_terms(r, xhat):
     return r.cache["aff"]
 
 
-def _conv_input_grad(c, D):
+def _conv_input_grad(c, D, weight=None):
     """Input gradient of the conv for output gradients D [N, O, Ho, Wo]: one transposed convolution
-    (mkldnn's deconvolution runs ~2x faster than convolution_backward's input gradient on CPU)."""
+    (mkldnn's deconvolution runs ~2x faster than convolution_backward's input gradient on CPU);
+    `weight` [O, I', kh, kw] in place of the conv's own (groups = 1 then)."""
     op = []
     for a in range(2):
         size = (c.Ho if a == 0 else c.Wo) - 1
         full = size * c.s[a] - 2 * c.p[a] + c.dil[a] * (c.k[a] - 1) + 1
         op.append((c.H if a == 0 else c.Wd) - full)
+    if weight is not None:
+        return F.conv_transpose2d(D, weight, None, c.s, c.p, tuple(op), 1, c.dil)
     return F.conv_transpose2d(D, c.W, None, c.s, c.p, tuple(op), c.g, c.dil)
 
 
-_BASIS_NUMEL = 2**24
-DGRAD_SEEDS = 4
+DGRAD_SEEDS = 2
 
 
-def _conv_basis(r, xhat):
-    """(P [O, I H W], Qt [O, B I H W]): the input gradients of the per-channel directions 1 and xhat
-    (groups = 1), for a gradient that is affine only (under the top BatchNorm): then every seed's input
-    gradient is alpha @ P + beta @ Qt, a GEMM of O-long rows instead of a transposed convolution per
-    seed. None where that is not cheaper or Q would be too large. Q: for stride 1 one batched GEMM of
-    the unfolded single-channel xhat with the flipped kernels; else one output channel at a time (O
-    small transposed convolutions; a grouped one is ~10x slower on CPU)."""
-    if "basis" not in r.cache:
-        c = r.cache["geom"]
-        cheaper = c.H * c.Wd * 2 <= c.Ho * c.Wo * c.k[0] * c.k[1]
-        if c.g != 1 or not cheaper or c.O > 512 or c.O * c.B * c.I * c.H * c.Wd > _BASIS_NUMEL:
-            r.cache["basis"] = None
-        else:
-            W = c.W
-            eye = torch.eye(c.O, dtype=W.dtype, device=W.device).view(c.O, c.O, 1, 1).expand(c.O, c.O, c.Ho, c.Wo)
-            P = _conv_input_grad(c, eye.contiguous())
-            Q = r.arena.empty((c.O, c.B, c.I, c.H, c.Wd), W.dtype, W.device)
-            tp = [c.dil[a] * (c.k[a] - 1) - c.p[a] for a in range(2)]      # the transposed conv's padding
-            if c.s == (1, 1) and min(tp) >= 0:
-                # stride 1: Q[o] = xhat[:, o] correlated with W[o] flipped, i.e. the unfolded single-channel
-                # xhat times W[o]: one batched GEMM over o
-                U = F.unfold(xhat.reshape(c.B * c.O, 1, c.Ho, c.Wo), c.k, dilation=c.dil, padding=tp)
-                kk = c.k[0] * c.k[1]
-                U = U.view(c.B, c.O, kk, c.H * c.Wd).permute(1, 2, 0, 3).reshape(c.O, kk, c.B * c.H * c.Wd)
-                Wf = W.flip(2, 3).reshape(c.O, c.I, kk)
-                Q.view(c.O, c.B, c.I, c.H * c.Wd).copy_(torch.bmm(Wf, U).view(c.O, c.I, c.B, -1).transpose(1, 2))
-            else:
-                sub = _ConvGeom.__new__(_ConvGeom)
-                sub.__dict__.update(c.__dict__)
-                for o in range(c.O):
-                    sub.W = W[o:o + 1]
-                    Q[o] = _conv_input_grad(sub, xhat[:, o:o + 1])
-            r.cache["basis"] = (P.reshape(c.O, -1), Q.view(c.O, -1))
-    return r.cache["basis"]
+def _conv_affine_input_grad(r, alpha, beta, xhat, n):
+    """The input gradient of a gradient that is affine only (under the top BatchNorm; groups = 1):
+    alpha (x) 1 + beta (x) xhat for n seeds -> [n, B, I, H, W] (a view). The beta part is ONE transposed
+    convolution of xhat with the seeds' kernels stacked along its output channels (W_s[o, i] =
+    beta[s, o] W[o, i]): no gradient is materialized; the alpha part is alpha @ P, P the input gradient
+    of a constant 1 in each output channel (computed once)."""
+    c = r.cache["geom"]
+    W = c.W
+    if "P" not in r.cache:
+        eye = torch.eye(c.O, dtype=W.dtype, device=W.device).view(c.O, c.O, 1, 1).expand(c.O, c.O, c.Ho, c.Wo)
+        r.cache["P"] = _conv_input_grad(c, eye.contiguous()).reshape(c.O, -1)
+    out = torch.empty(c.B, n, c.I, c.H * c.Wd, dtype=W.dtype, device=W.device)
+    sub = min(n, DGRAD_SEEDS)                  # a few seeds per call: torch's column buffer grows with them
+    for j0 in range(0, n, sub):
+        j1 = min(n, j0 + sub)
+        Ws = (beta[j0:j1].t().unsqueeze(2) * W.reshape(c.O, 1, -1)).reshape(c.O, (j1 - j0) * c.I, c.k[0], c.k[1])
+        out[:, j0:j1] = _conv_input_grad(c, xhat, weight=Ws).view(c.B, j1 - j0, c.I, -1)
+    out += (alpha @ r.cache["P"]).view(1, n, c.I, -1)
+    return out.view(c.B, n, c.I, c.H, c.Wd).transpose(0, 1)
 
 
-def _conv_back(r, G, n, need_input, want_bias=True):
+def _conv_back(r, G, n, need_input, want_bias=True, pool=None):
     """(weight grad [n, O, I/g, kh, kw] or None, bias grad [n, O] or None, _Grad at the input or None).
     Weight gradient: each form by its cheapest route (dense: one GEMM; pooled: the rows at the maxima
-    only; affine: closed form). Input gradient: from the basis directions when the gradient is affine
-    only, else one transposed convolution of the materialized gradient."""
+    only; affine: closed form). Input gradient: when the gradient is affine only, one transposed
+    convolution of xhat with per-seed kernels; else transposed convolutions of the materialized
+    gradient, DGRAD_SEEDS seeds at a time."""
     c = r.cache["geom"]
     shape = (c.B, c.O, c.Ho, c.Wo)
     want_w = any(s == "weight" for s, _ in r.params)
@@ -548,30 +536,37 @@ def _conv_back(r, G, n, need_input, want_bias=True):
         if want_w or want_b:
             r1, Rz, sx = _conv_affine_terms(r, xhat)
             if want_w:
-                wg = add(wg, alpha.unsqueeze(2) * r1 + beta.unsqueeze(2) * Rz)
+                wa = (alpha.unsqueeze(2) * r1).addcmul_(beta.unsqueeze(2), Rz)
+                wg = wa if wg is None else wg.add_(wa)
             if want_b:
                 bg = add(bg, alpha * (c.B * c.Ho * c.Wo) + beta * sx)
     if wg is not None:
         wg = wg.view(n, *c.W.shape)
     if not need_input:
         return wg, bg, None
-    if G.dense is None and G.pooled is None and _conv_basis(r, G.affine[2]) is not None:
-        # affine only (under the top BatchNorm): the input gradient from the 2C basis directions
-        alpha, beta, _ = G.affine
-        P, Qt = _conv_basis(r, G.affine[2])
-        out = _workspace(r, "ws_in", (n * c.B, c.I, c.H, c.Wd), c.W)
-        D = torch.mm(beta, Qt, out=out.view(n, -1)).view(n, c.B, c.I, c.H, c.Wd)
-        return wg, bg, _Grad(D.add_((alpha @ P).view(n, 1, c.I, c.H, c.Wd)))
+    if G.dense is None and G.pooled is None and c.g == 1:
+        return wg, bg, _Grad(_conv_affine_input_grad(r, G.affine[0], G.affine[1], G.affine[2], n))
     # every form scattered/expanded to full resolution, then transposed convolutions, DGRAD_SEEDS seeds at a
     # time (as fast per seed as one large call, and a quarter of the memory: the materialized gradient,
     # the convolution's output and mkldnn's own reordered copies of both)
-    out = _workspace(r, "ws_dgrad", (n * c.B, c.I, c.H, c.Wd), c.W)
+    # `pool`: the max pool right beneath, whose pooled form the results go to directly (no buffer of
+    # the whole input gradient: each few seeds' part lands in the pooled values [C, n, B, P])
+    if pool is not None:
+        out = _workspace(pool, "ws_vals", (c.I, n, c.B, c.H * c.Wd), c.W)
+    else:
+        out = _workspace(r, "ws_dgrad", (n * c.B, c.I, c.H, c.Wd), c.W)
     sub = min(n, DGRAD_SEEDS)
     ws = _workspace(r, "ws_out", (sub,) + shape, c.W)
     for j0 in range(0, n, sub):
         j1 = min(n, j0 + sub)
         D = G.seeds(j0, j1).materialize(j1 - j0, shape, c.W.dtype, c.W.device, out=ws[:j1 - j0])
-        out[j0 * c.B:j1 * c.B] = _conv_input_grad(c, D.view((j1 - j0) * c.B, *shape[1:]))
+        res = _conv_input_grad(c, D.view((j1 - j0) * c.B, *shape[1:]))
+        if pool is not None:
+            out[:, j0:j1] = res.view(j1 - j0, c.B, c.I, -1).permute(2, 0, 1, 3)
+        else:
+            out[j0 * c.B:j1 * c.B] = res
+    if pool is not None:
+        return wg, bg, _Grad(pooled=_Pooled(out, pool.idx, _numel(pool.xshape[2:])))
     return wg, bg, _Grad(out.view(n, c.B, c.I, c.H, c.Wd))
 
 
@@ -636,7 +631,8 @@ def _diag_backward(recs, dout, need_below, merge=None):
 
 
 def _per_sample_wgrad(r, rows):
-    """The diagonal part's own parameter gradients for seeds `rows`: {slot: [c, *p.shape]}."""
+    """The diagonal part's own parameter gradients for seeds `rows`: {slot: [c, *p.shape]}, fresh tensors
+    (the caller accumulates into them in place)."""
     out = {}
     sl = slice(rows[0], rows[-1] + 1)          # rows: a contiguous range of seeds
     D = r.diag_out[sl] if r.kind != "bn" else None
@@ -654,13 +650,13 @@ def _per_sample_wgrad(r, rows):
         if "weight" in slots:
             out["weight"] = D.unsqueeze(2) * r.x[sl].unsqueeze(1)
         if "bias" in slots:
-            out["bias"] = D
+            out["bias"] = D.clone()
     elif r.kind == "bn":
         # the BN's own affine parameters: sum_t dy xhat and sum_t dy of the diagonal part
         if "weight" in slots:
-            out["weight"] = r.diag_s2[sl]
+            out["weight"] = r.diag_s2[sl].clone()
         if "bias" in slots:
-            out["bias"] = r.diag_s1[sl]
+            out["bias"] = r.diag_s1[sl].clone()
     return out
 
 
@@ -751,9 +747,10 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
         n = len(rows)
         grads: dict = {}
 
-        def acc_grad(q, g):
-            grads[q] = g if q not in grads else grads[q] + g
+        def acc_grad(q, g):            # every g is a fresh tensor of this chunk: sums in place
+            grads[q] = g if q not in grads else grads[q].add_(g)
         G = _Grad()
+        skip = None
         for k in range(K - 1, -1, -1):
             r = recs[k]
             merged = merge is not None and k < merge          # the diagonal part travels in G here
@@ -787,9 +784,16 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
                 alpha, beta = -(sc / r.M) * s1, -(sc / r.M) * s2
                 G = _Grad(dense, pooled, (alpha, beta, r.xhat))
                 continue
+            if k == skip:
+                continue                                  # a max pool whose pooled form the conv above made
             if r.kind in ("conv", "linear"):
+                kw = {}
+                below = recs[k - 1] if k >= 1 else None
+                if r.kind == "conv" and need_below[k] and below is not None and below.kind == "maxpool" \
+                        and len(below.xshape) == 4 and k - 1 != merge:
+                    kw["pool"], skip = below, k - 1
                 back = _conv_back if r.kind == "conv" else _linear_back
-                wg, bg, G = back(r, G, n, need_below[k], want_bias=not zero_bias[k])
+                wg, bg, G = back(r, G, n, need_below[k], want_bias=not zero_bias[k], **kw)
                 slots = dict(r.params)
                 if wg is not None:
                     acc_grad(slots["weight"], wg)
@@ -807,8 +811,9 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
                 D = G.materialize(n, r.yshape, dt, x.device)     # an engine buffer (written in place)
                 D = torch.zeros((n,) + r.yshape, dtype=dt, device=x.device) if D is None else D
                 j = torch.arange(n, device=D.device)
-                D.view(n, B, -1)[j, j + start] += r.diag_out[start:start + n].reshape(n, -1)
+                D[j, j + start] += r.diag_out[start:start + n]
                 G = _Grad(D)
+                del D                                 # G holds it; freed once the pool below has copied it
             if r.kind == "maxpool" and len(r.xshape) in (3, 4) and G.pooled is None and G.affine is None \
                     and G.dense is not None:
                 vals = _workspace(r, "ws_vals", (r.idx.shape[1], n) + tuple(r.idx.shape[::2]), G.dense)

@@ -1,6 +1,6 @@
 """mode="exact", path "chain" (norms/exact_chain.py) against the autograd loop
 (reference.per_sample_grad_norms(mode="exact")): a zoo of nn.Sequential models exercising every form of the
-hand-written backward (dense / pooled / affine, basis input gradient, groups, 1-d/2-d BatchNorm), refusals and
+hand-written backward (dense / pooled / affine, affine-only input gradient, groups, 1-d/2-d BatchNorm), refusals and
 their fallbacks under path="auto", chunking, the workspace pool, and the model left as it was."""
 import threading
 import warnings
@@ -41,7 +41,7 @@ def make(arch, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     k = 3
     if arch == "vgg":
-        # top BN -> affine only -> conv3 input gradient by the basis (P, Q); maxpool2 under conv3: pooled;
+        # top BN -> affine only -> conv3 input gradient by stacked kernels; maxpool2 under conv3: pooled;
         # ReLU keeps pooled; BN2 sums of pooled -> pooled + affine at conv2 (weight grads of both forms)
         m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2),
@@ -65,7 +65,7 @@ def make(arch, dtype=torch.float64, seed=0):
     elif arch == "post_act":
         # Conv->ReLU->BN (affine materialized at a ReLU); overlapping max pool above a BN (affine:
         # materialized, not pooled); BN directly after a max pool; ceil_mode max pool under a 1x1 conv
-        # (pooled) whose top BN gives affine only where the basis is not cheaper (transposed conv)
+        # (pooled) under the top BN (affine only: stacked-kernel input gradient)
         m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.BatchNorm2d(4),
                           nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
                           nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
@@ -180,30 +180,29 @@ def test_fp64_matches_loop(arch, B):
 
 
 def test_forms_are_exercised(monkeypatch):
-    """The zoo reaches the forms it is meant to: the pooled form (a gradient on max-pool maxima), the basis
+    """The zoo reaches the forms it is meant to: the pooled form (a gradient on max-pool maxima), the affine-only
     input gradient under the top BN, several BNs per model (spies on exact_chain's internals)."""
     import bnmem_kernels.norms.exact_chain as ec
 
     pooled, basis = [], []
-    assert hasattr(ec, "_Pooled") and hasattr(ec, "_conv_basis"), "exact_chain internals renamed: update the spies"
+    assert hasattr(ec, "_Pooled") and hasattr(ec, "_conv_affine_input_grad"), "exact_chain internals renamed: update the spies"
 
     class Spy(ec._Pooled):
         def __init__(self, *a, **kw):
             pooled.append(1)
             super().__init__(*a, **kw)
-    real_basis = ec._conv_basis
+    real_basis = ec._conv_affine_input_grad
 
     def spy_basis(*a, **kw):
-        out = real_basis(*a, **kw)
-        basis.append(out is not None)
-        return out
+        basis.append(True)
+        return real_basis(*a, **kw)
     monkeypatch.setattr(ec, "_Pooled", Spy)
-    monkeypatch.setattr(ec, "_conv_basis", spy_basis)
+    monkeypatch.setattr(ec, "_conv_affine_input_grad", spy_basis)
     for arch, bns, want_pooled, want_basis in [
-            ("vgg", 3, True, True), ("post_act", 5, True, False), ("overlap_nested", 3, True, False),
-            ("mlp", 5, False, False), ("bn1d_3d", 3, True, False), ("pool_no_bn", 2, True, False),
-            ("adaptive_max", 2, True, False), ("bn1d_3d_adaptive", 2, True, False), ("pool_groups", 2, True, False),
-            ("pool_opts", 3, True, False)]:
+            ("vgg", 3, True, True), ("post_act", 5, True, True), ("overlap_nested", 3, True, True),
+            ("mlp", 5, False, False), ("bn1d_3d", 3, True, False), ("pool_no_bn", 2, True, True),
+            ("adaptive_max", 2, True, True), ("bn1d_3d_adaptive", 2, True, False), ("pool_groups", 2, True, True),
+            ("pool_opts", 3, True, True)]:
         pooled.clear()
         basis.clear()
         m, shape, k = make(arch)
@@ -730,19 +729,18 @@ def test_auto_without_compiled_backends_takes_the_torch_route(monkeypatch):
 
 
 @pytest.mark.parametrize("stride,dilation", [(1, 1), (1, 2), (2, 1)])
-def test_basis_input_gradient_under_the_top_bn(monkeypatch, stride, dilation):
-    """The conv right under the top BN takes its input gradient from the 2C basis directions (built by one
-    batched GEMM for stride 1, one small transposed convolution per channel otherwise): the loop's numbers."""
+def test_affine_only_input_gradient_under_the_top_bn(monkeypatch, stride, dilation):
+    """The conv right under the top BN takes its input gradient by one transposed convolution of xhat with
+    the seeds' kernels stacked (plus alpha @ P), a few seeds per call: the loop's numbers."""
     import bnmem_kernels.norms.exact_chain as ec
 
     built = []
-    real = ec._conv_basis
+    real = ec._conv_affine_input_grad
 
     def spy(*a, **kw):
-        out = real(*a, **kw)
-        built.append(out is not None)
-        return out
-    monkeypatch.setattr(ec, "_conv_basis", spy)
+        built.append(True)
+        return real(*a, **kw)
+    monkeypatch.setattr(ec, "_conv_affine_input_grad", spy)
     torch.manual_seed(3)
     m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                       nn.Conv2d(4, 5, 3, stride=stride, padding=dilation, dilation=dilation), nn.BatchNorm2d(5),
