@@ -30,7 +30,8 @@ All give the loop's numbers (the paths differ only by rounding); none changes nu
 Dropout: one forward means one mask. Both paths use the masks of their single batch forward,
 as the autograd loop does after its one forward (with the same RNG state, the same masks).
 `max_chunk`: at most this many samples per per-sample (vmap) chunk and seeds per batched pass;
-None -> DEFAULT_CHUNK (CHAIN_CHUNK seeds per chunk on the chain path). Memory grows with the chunk. On CPU the seed passes run one seed at a time
+None -> DEFAULT_CHUNK (on the chain path chain_default_chunk(B): CHAIN_CHUNK seeds, at most half the
+batch). Memory grows with the chunk. On CPU the seed passes run one seed at a time
 (torch's batched backward, is_grads_batched, measured ~3x slower there), spread over worker threads
 with one intra-op thread each (norms/_parallel.py; BNMEM_PASS_THREADS sets their number, default
 torch.get_num_threads()); on GPUs batched per chunk.
