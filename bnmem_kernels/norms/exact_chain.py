@@ -544,7 +544,7 @@ def _conv_back(r, G, n, need_input, want_bias=True, pool=None):
         wg = wg.view(n, *c.W.shape)
     if not need_input:
         return wg, bg, None
-    if G.dense is None and G.pooled is None and c.g == 1:
+    if G.dense is None and G.pooled is None and c.g == 1 and pool is None:
         return wg, bg, _Grad(_conv_affine_input_grad(r, G.affine[0], G.affine[1], G.affine[2], n))
     # every form scattered/expanded to full resolution, then transposed convolutions, DGRAD_SEEDS seeds at a
     # time (as fast per seed as one large call, and a quarter of the memory: the materialized gradient,
