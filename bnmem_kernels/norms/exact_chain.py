@@ -202,13 +202,15 @@ def release_workspaces() -> int:
 
 
 def _workspace(r, key, shape, like):
-    """A buffer of `shape` for this record, kept across the chunks of one call, one per thread (the
-    first chunk is the largest; later ones get a leading slice)."""
+    """A contiguous buffer of `shape` for this record, kept across the chunks of one call, one per thread:
+    a view of the first `numel` entries of one flat buffer (the first chunk, the largest, sizes it), so
+    that a smaller last chunk reuses it whatever dimension its seeds run along."""
     key = (key, threading.get_ident())
+    numel = _numel(shape)
     buf = r.cache.get(key)
-    if buf is None or buf.shape[1:] != tuple(shape[1:]) or buf.shape[0] < shape[0]:
-        buf = r.cache[key] = r.arena.empty(shape, like.dtype, like.device)
-    return buf[:shape[0]]
+    if buf is None or buf.numel() < numel:
+        buf = r.cache[key] = r.arena.empty((numel,), like.dtype, like.device)
+    return buf[:numel].view(shape)
 
 
 class _Rec:
@@ -467,42 +469,90 @@ def _conv_affine_terms(r, xhat):
     return r.cache["aff"]
 
 
-def _conv_input_grad(c, D, weight=None):
-    """Input gradient of the conv for output gradients D [N, O, Ho, Wo]: one transposed convolution
-    (mkldnn's deconvolution runs ~2x faster than convolution_backward's input gradient on CPU);
-    `weight` [O, I', kh, kw] in place of the conv's own (groups = 1 then)."""
+def _output_padding(c):
+    """The transposed convolution's output_padding that gives back the conv's input size."""
     op = []
     for a in range(2):
         size = (c.Ho if a == 0 else c.Wo) - 1
         full = size * c.s[a] - 2 * c.p[a] + c.dil[a] * (c.k[a] - 1) + 1
         op.append((c.H if a == 0 else c.Wd) - full)
+    return tuple(op)
+
+
+def _conv_input_grad(c, D, weight=None):
+    """Input gradient of the conv for output gradients D [N, O, Ho, Wo]: one transposed convolution
+    (mkldnn's deconvolution runs ~2x faster than convolution_backward's input gradient on CPU);
+    `weight` [O, I', kh, kw] in place of the conv's own (groups = 1 then)."""
+    op = _output_padding(c)
     if weight is not None:
-        return F.conv_transpose2d(D, weight, None, c.s, c.p, tuple(op), 1, c.dil)
-    return F.conv_transpose2d(D, c.W, None, c.s, c.p, tuple(op), c.g, c.dil)
+        return F.conv_transpose2d(D, weight, None, c.s, c.p, op, 1, c.dil)
+    return F.conv_transpose2d(D, c.W, None, c.s, c.p, op, c.g, c.dil)
 
 
 DGRAD_SEEDS = 2
 
 
-def _conv_affine_input_grad(r, alpha, beta, xhat, n):
+AFFINE_BASIS_BUDGET = 1.0    # Q is built when it takes at most this fraction of the forward's activations
+
+
+def _conv_affine_basis(r, xhat):
+    """Q [O, I, B * H * W]: the conv's input gradients of xhat's channels one at a time (output gradient
+    xhat[:, o] in channel o, zero elsewhere), for every o, once per call (groups = 1). For stride 1, one
+    grouped forward convolution with the flipped kernels (I outputs per input channel; mkldnn runs it
+    channels-last ~20x faster than the grouped transposed convolution), then one 2-d transpose; else
+    the grouped transposed convolution."""
+    if "Q" not in r.cache:
+        c = r.cache["geom"]
+        W, HW = c.W, c.H * c.Wd
+        pad = [c.dil[a] * (c.k[a] - 1) - c.p[a] for a in range(2)]
+        Q = r.arena.empty((c.O * c.I, c.B * HW), W.dtype, W.device)
+        if c.s == (1, 1) and min(pad) >= 0 and (c.H, c.Wd) == (c.Ho + 2 * pad[0] - c.dil[0] * (c.k[0] - 1),
+                                                            c.Wo + 2 * pad[1] - c.dil[1] * (c.k[1] - 1)):
+            Wf = W.flip(2, 3).reshape(c.O * c.I, 1, c.k[0], c.k[1])
+            q = F.conv2d(xhat.contiguous(memory_format=torch.channels_last), Wf, None, 1, tuple(pad), c.dil, c.O)
+            Q.copy_(q.permute(0, 2, 3, 1).reshape(c.B * HW, c.O * c.I).t())   # memory [B, H, W, O, I]: a 2-d transpose
+            del q
+        else:
+            q = F.conv_transpose2d(xhat, W, None, c.s, c.p, _output_padding(c), c.O, c.dil)
+            Q.view(c.O * c.I, c.B, HW).copy_(q.view(c.B, c.O * c.I, HW).transpose(0, 1))
+            del q
+        r.cache["Q"] = Q.view(c.O, c.I, -1)
+    return r.cache["Q"]
+
+
+def _conv_affine_input_grad(r, alpha, beta, xhat, n, pool=None):
     """The input gradient of a gradient that is affine only (under the top BatchNorm; groups = 1):
-    alpha (x) 1 + beta (x) xhat for n seeds -> [n, B, I, H, W] (a view). The beta part is ONE transposed
-    convolution of xhat with the seeds' kernels stacked along its output channels (W_s[o, i] =
-    beta[s, o] W[o, i]): no gradient is materialized; the alpha part is alpha @ P, P the input gradient
-    of a constant 1 in each output channel (computed once)."""
+    alpha (x) 1 + beta (x) xhat for n seeds, as a _Grad: dense [n, B, I, H, W] (a view of [I, n, B, H W]),
+    or the values of the max pool `pool` beneath (pooled [I, n, B, P], written straight into them). The
+    beta part is one batched GEMM with Q, the input gradients of xhat's channels one at a time
+    (_conv_affine_basis, once per call: as much work as one seed's transposed convolution), where Q
+    (O x the conv's input) takes at most AFFINE_BASIS_BUDGET x the forward's activation bytes; else
+    transposed convolutions of xhat with the seeds' kernels stacked (n seeds' worth of work). The alpha
+    part is alpha @ P, P the input gradient of a constant 1 in each output channel (computed once)."""
     c = r.cache["geom"]
-    W = c.W
+    W, HW = c.W, c.H * c.Wd
     if "P" not in r.cache:
         eye = torch.eye(c.O, dtype=W.dtype, device=W.device).view(c.O, c.O, 1, 1).expand(c.O, c.O, c.Ho, c.Wo)
-        r.cache["P"] = _conv_input_grad(c, eye.contiguous()).reshape(c.O, -1)
-    out = torch.empty(c.B, n, c.I, c.H * c.Wd, dtype=W.dtype, device=W.device)
-    sub = min(n, DGRAD_SEEDS)                  # a few seeds per call: torch's column buffer grows with them
-    for j0 in range(0, n, sub):
-        j1 = min(n, j0 + sub)
-        Ws = (beta[j0:j1].t().unsqueeze(2) * W.reshape(c.O, 1, -1)).reshape(c.O, (j1 - j0) * c.I, c.k[0], c.k[1])
-        out[:, j0:j1] = _conv_input_grad(c, xhat, weight=Ws).view(c.B, j1 - j0, c.I, -1)
-    out += (alpha @ r.cache["P"]).view(1, n, c.I, -1)
-    return out.view(c.B, n, c.I, c.H, c.Wd).transpose(0, 1)
+        r.cache["P"] = _conv_input_grad(c, eye.contiguous()).reshape(c.O, c.I, HW)
+    out = _workspace(pool, "ws_vals", (c.I, n, c.B, HW), W) if pool is not None else \
+        _workspace(r, "ws_affine", (c.I, n, c.B, HW), W)
+    if c.O * c.I * c.B * HW * W.element_size() <= AFFINE_BASIS_BUDGET * r.arena.act_bytes:
+        # out[i] = beta @ Q[:, i] for every input channel i (Q[:, i]: a strided batch, rows contiguous)
+        torch.bmm(beta.unsqueeze(0).expand(c.I, n, c.O), _conv_affine_basis(r, xhat).transpose(0, 1),
+                  out=out.view(c.I, n, -1))
+    else:
+        # Q too large: one transposed convolution of xhat per few seeds, their kernels stacked along the
+        # output channels (W_s[o, i] = beta[s, o] W[o, i]; a few per call: torch's column buffer grows with them)
+        sub = min(n, DGRAD_SEEDS)
+        for j0 in range(0, n, sub):
+            j1 = min(n, j0 + sub)
+            Ws = (beta[j0:j1].t().unsqueeze(2) * W.reshape(c.O, 1, -1)).reshape(c.O, (j1 - j0) * c.I, c.k[0], c.k[1])
+            res = _conv_input_grad(c, xhat, weight=Ws).view(c.B, j1 - j0, c.I, HW)
+            out[:, j0:j1] = res.permute(2, 1, 0, 3)
+    out += torch.einsum("so,oip->isp", alpha, r.cache["P"]).unsqueeze(2)
+    if pool is not None:
+        return _Grad(pooled=_Pooled(out, pool.idx, _numel(pool.xshape[2:])))
+    return _Grad(out.view(c.I, n, c.B, c.H, c.Wd).permute(1, 2, 0, 3, 4))
 
 
 def _conv_back(r, G, n, need_input, want_bias=True, pool=None):
@@ -536,16 +586,18 @@ def _conv_back(r, G, n, need_input, want_bias=True, pool=None):
         if want_w or want_b:
             r1, Rz, sx = _conv_affine_terms(r, xhat)
             if want_w:
-                wa = (alpha.unsqueeze(2) * r1).addcmul_(beta.unsqueeze(2), Rz)
-                wg = wa if wg is None else wg.add_(wa)
+                if wg is None:
+                    wg = (alpha.unsqueeze(2) * r1).addcmul_(beta.unsqueeze(2), Rz)
+                else:
+                    wg.addcmul_(alpha.unsqueeze(2), r1).addcmul_(beta.unsqueeze(2), Rz)
             if want_b:
                 bg = add(bg, alpha * (c.B * c.Ho * c.Wo) + beta * sx)
     if wg is not None:
         wg = wg.view(n, *c.W.shape)
     if not need_input:
         return wg, bg, None
-    if G.dense is None and G.pooled is None and c.g == 1 and pool is None:
-        return wg, bg, _Grad(_conv_affine_input_grad(r, G.affine[0], G.affine[1], G.affine[2], n))
+    if G.dense is None and G.pooled is None and c.g == 1:
+        return wg, bg, _conv_affine_input_grad(r, G.affine[0], G.affine[1], G.affine[2], n, pool)
     # every form scattered/expanded to full resolution, then transposed convolutions, DGRAD_SEEDS seeds at a
     # time (as fast per seed as one large call, and a quarter of the memory: the materialized gradient,
     # the convolution's output and mkldnn's own reordered copies of both)
@@ -597,6 +649,27 @@ def _bn_sums(r, G, n):
         s1 = a if s1 is None else s1 + a
         s2 = b if s2 is None else s2 + b
     return s1, s2
+
+
+def _drop_low_xhats(recs, bns, need_below):
+    """A BatchNorm between a max pool (a conv above it, elementwise layers between) and a groups = 1 conv that
+    needs no input gradient (the first block of a CNN) uses its xhat only through two caches: the gather at
+    the pool's maxima (its sums) and the closed form of the conv beneath. Both are built now and xhat is
+    dropped: it is the largest activation of such a network, held through the whole call otherwise."""
+    K = len(recs)
+    for k in bns:
+        below = recs[k - 1] if k >= 1 else None
+        if below is None or below.kind != "conv" or below.m.groups != 1 or need_below[k - 1]:
+            continue
+        j = k + 1
+        while j < K and recs[j].kind in ("ew", "dropout"):
+            j += 1
+        if not (j + 1 < K and recs[j].kind == "maxpool" and len(recs[j].xshape) == 4 and recs[j + 1].kind == "conv"):
+            continue
+        r, idx = recs[k], recs[j].idx
+        r.cache[("xhat_g", id(idx))] = _Pooled(None, idx, 0).gather(r.xhat)
+        _conv_affine_terms(below, r.xhat)
+        r.xhat = None
 
 
 def _diag_backward(recs, dout, need_below, merge=None):
@@ -717,6 +790,7 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
 
     dt = params[0].dtype
     recs, out = _forward(layers, x, index, arena)
+    arena.act_bytes = sum(_numel(r.yshape) for r in recs) * x.element_size()   # ~ what a plain backward keeps
     # per-sample losses and their gradients at the network output (the loss must be per sample)
     with torch.enable_grad():
         o = out.detach().requires_grad_(True)
@@ -737,6 +811,7 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
     _diag_backward(recs, dout, need_below, merge)
     # a bias whose output feeds a train-mode BatchNorm directly: exactly zero (BN removes shifts)
     zero_bias = [k + 1 < K and recs[k + 1].kind == "bn" and r.kind in ("conv", "linear") for k, r in enumerate(recs)]
+    _drop_low_xhats(recs, bns, need_below)
     zero = [names[q] for k, r in enumerate(recs) if zero_bias[k] for s, q in r.params if s == "bias"]
 
     sq = {n: torch.zeros(B, dtype=acc, device=x.device) for n in names}
@@ -749,9 +824,15 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
 
         def acc_grad(q, g):            # every g is a fresh tensor of this chunk: sums in place
             grads[q] = g if q not in grads else grads[q].add_(g)
+
+        def flush():                   # a layer's parameters get all their parts at that layer: norms now
+            for q, g in grads.items():
+                sq[names[q]][start:start + n] = g.reshape(n, -1).to(acc).square().sum(1)
+            grads.clear()
         G = _Grad()
         skip = None
         for k in range(K - 1, -1, -1):
+            flush()
             r = recs[k]
             merged = merge is not None and k < merge          # the diagonal part travels in G here
             if r.params and not merged:
@@ -790,15 +871,21 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
                 kw = {}
                 below = recs[k - 1] if k >= 1 else None
                 if r.kind == "conv" and need_below[k] and below is not None and below.kind == "maxpool" \
-                        and len(below.xshape) == 4 and k - 1 != merge:
+                        and len(below.xshape) == 4:
                     kw["pool"], skip = below, k - 1
                 back = _conv_back if r.kind == "conv" else _linear_back
                 wg, bg, G = back(r, G, n, need_below[k], want_bias=not zero_bias[k], **kw)
+                if skip == merge and merge is not None and k - 1 == merge:
+                    # the diagonal part joins (see below), straight into the pool's values [C, n, B, P]
+                    j = torch.arange(n, device=x.device)
+                    d = recs[merge].diag_out[start:start + n]
+                    G.pooled.vals[:, j, j + start] += d.reshape(n, d.shape[1], -1).transpose(0, 1)
                 slots = dict(r.params)
                 if wg is not None:
                     acc_grad(slots["weight"], wg)
                 if bg is not None:
                     acc_grad(slots["bias"], bg)
+                del wg, bg                      # the dict holds them until the flush
                 if not need_below[k]:
                     break
                 continue
@@ -829,8 +916,7 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
                 continue
             D = G.materialize(n, r.yshape, dt, x.device)
             G = _Grad(None if D is None else _samplewise_back(r, D))
-        for q, g in grads.items():
-            sq[names[q]][start:start + n] = g.reshape(n, -1).to(acc).square().sum(1)
+        flush()
 
     # chunks of seeds in turn, each op with all intra-op threads (worker threads of one intra-op thread
     # each were measured slower here: the chunks' large ops are memory-bound and switching torch's
