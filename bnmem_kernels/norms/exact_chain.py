@@ -655,8 +655,9 @@ def _drop_low_xhats(recs, bns, need_below):
     """A BatchNorm between a max pool (a conv above it, elementwise layers between) and a groups = 1 conv that
     needs no input gradient (the first block of a CNN) uses its xhat only through two caches: the gather at
     the pool's maxima (its sums) and the closed form of the conv beneath. Both are built now and xhat is
-    dropped: it is the largest activation of such a network, held through the whole call otherwise."""
-    K = len(recs)
+    dropped: it is the largest activation of such a network, held through the whole call otherwise.
+    Returns how many were dropped."""
+    K, dropped = len(recs), 0
     for k in bns:
         below = recs[k - 1] if k >= 1 else None
         if below is None or below.kind != "conv" or below.m.groups != 1 or need_below[k - 1]:
@@ -670,6 +671,8 @@ def _drop_low_xhats(recs, bns, need_below):
         r.cache[("xhat_g", id(idx))] = _Pooled(None, idx, 0).gather(r.xhat)
         _conv_affine_terms(below, r.xhat)
         r.xhat = None
+        dropped += 1
+    return dropped
 
 
 def _diag_backward(recs, dout, need_below, merge=None):
@@ -811,7 +814,7 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
     _diag_backward(recs, dout, need_below, merge)
     # a bias whose output feeds a train-mode BatchNorm directly: exactly zero (BN removes shifts)
     zero_bias = [k + 1 < K and recs[k + 1].kind == "bn" and r.kind in ("conv", "linear") for k, r in enumerate(recs)]
-    _drop_low_xhats(recs, bns, need_below)
+    dropped = _drop_low_xhats(recs, bns, need_below)
     zero = [names[q] for k, r in enumerate(recs) if zero_bias[k] for s, q in r.params if s == "bias"]
 
     sq = {n: torch.zeros(B, dtype=acc, device=x.device) for n in names}
@@ -927,5 +930,5 @@ def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, i
         sq[nm].zero_()
     info = {"layers": len(recs), "bn_calls": len(bns), "chunk": chunk, "zero_biases": zero,
             "pooled_wgrad_backend": arena.backend,
-            "pooled": sum(1 for r in recs if r.kind == "maxpool")}
+            "pooled": sum(1 for r in recs if r.kind == "maxpool"), "xhat_dropped": dropped}
     return sq, info

@@ -728,19 +728,28 @@ def test_auto_without_compiled_backends_takes_the_torch_route(monkeypatch):
     assert rel(out, reference(m, ce, x, y, mode="exact")) <= 1e-10
 
 
+@pytest.mark.parametrize("route", ["basis", "stacked"])
 @pytest.mark.parametrize("stride,dilation", [(1, 1), (1, 2), (2, 1)])
-def test_affine_only_input_gradient_under_the_top_bn(monkeypatch, stride, dilation):
-    """The conv right under the top BN takes its input gradient by one transposed convolution of xhat with
-    the seeds' kernels stacked (plus alpha @ P), a few seeds per call: the loop's numbers."""
+def test_affine_only_input_gradient_under_the_top_bn(monkeypatch, stride, dilation, route):
+    """The conv right under the top BN takes its input gradient from the affine part alone (plus alpha @ P):
+    by the basis Q (one grouped convolution per call; stride 1 as a forward convolution, stride 2 as a
+    transposed one; AFFINE_BASIS_BUDGET = inf here) or, where Q would be too large (0 here), by transposed
+    convolutions of xhat with the seeds' kernels stacked: the loop's numbers either way."""
     import bnmem_kernels.norms.exact_chain as ec
 
-    built = []
-    real = ec._conv_affine_input_grad
+    built, basis = [], []
+    real, real_basis = ec._conv_affine_input_grad, ec._conv_affine_basis
 
     def spy(*a, **kw):
         built.append(True)
         return real(*a, **kw)
+
+    def spy_basis(*a, **kw):
+        basis.append(True)
+        return real_basis(*a, **kw)
     monkeypatch.setattr(ec, "_conv_affine_input_grad", spy)
+    monkeypatch.setattr(ec, "_conv_affine_basis", spy_basis)
+    monkeypatch.setattr(ec, "AFFINE_BASIS_BUDGET", 0.0 if route == "stacked" else float("inf"))
     torch.manual_seed(3)
     m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                       nn.Conv2d(4, 5, 3, stride=stride, padding=dilation, dilation=dilation), nn.BatchNorm2d(5),
@@ -749,5 +758,75 @@ def test_affine_only_input_gradient_under_the_top_bn(monkeypatch, stride, dilati
     exp, exp_pl = reference(m, ce, x, y, mode="exact", per_layer=True)
     (out, pl), rep = exact_report(m, ce, x, y, path="chain", per_layer=True, max_chunk=4)
     assert built and all(built)
+    assert bool(basis) == (route == "basis")
+    assert rel(out, exp) <= 1e-10
+    check_per_layer(pl, exp_pl, exp.max().item(), 1e-10)
+
+
+@pytest.mark.parametrize("route", ["basis", "stacked"])
+@pytest.mark.parametrize("stride,pool", [(1, (2, 2)), (2, (2, 2)), (1, (3, 2)), (1, (2, 1))])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_top_conv_into_the_merge_pool(monkeypatch, stride, pool, route, dtype):
+    """The conv under the top BN writes its (affine-only) input gradient straight into the values of the max
+    pool beneath, where the diagonal part joins (the merge): plain, strided, overlapping (repeated maxima)
+    and stride-1 pools, both routes, chunks that do not divide B (the workspaces of the last, smaller chunk
+    are views of the first one's)."""
+    import bnmem_kernels.norms.exact_chain as ec
+
+    monkeypatch.setattr(ec, "AFFINE_BASIS_BUDGET", 0.0 if route == "stacked" else float("inf"))
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(*pool),
+                      nn.Conv2d(4, 5, 3, stride=stride, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
+    _randomize_bn(m, 5)
+    x, y = data((2, 9, 9), 7, 3)
+    exp, exp_pl = reference(m.double(), ce, x, y, mode="exact", per_layer=True)
+    (out, pl), rep = exact_report(m.to(dtype), ce, x.to(dtype), y, path="chain", per_layer=True, max_chunk=3)
+    assert rep["path"] == "chain" and rep["chunk"] == 3
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert rel(out.double(), exp) <= tol
+    check_per_layer({k: v.double() for k, v in pl.items()}, exp_pl, exp.max().item(), tol)
+
+
+def test_first_block_xhat_dropped(monkeypatch):
+    """The first block's BN (conv -> BN -> ReLU -> max pool -> conv) keeps only its two caches, not xhat
+    (report["xhat_dropped"]); a BN whose conv beneath needs its input gradient keeps it. Same numbers."""
+    import bnmem_kernels.norms.exact_chain as ec
+
+    kept = []
+    real = ec._drop_low_xhats
+
+    def spy(recs, bns, need_below):
+        n = real(recs, bns, need_below)
+        kept.append([recs[k].xhat is not None for k in bns])
+        return n
+    monkeypatch.setattr(ec, "_drop_low_xhats", spy)
+    m, shape, k = make("vgg")
+    x, y = data(shape, 5, k)
+    exp, exp_pl, ((out, pl), rep) = _both(m, x, y, path="chain", max_chunk=2)
+    assert rep["xhat_dropped"] == 1 and kept[-1] == [False, True, True], (rep, kept)
+    assert rel(out, exp) <= 1e-10
+    check_per_layer(pl, exp_pl, exp.max().item(), 1e-10)
+    m2 = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
+                       nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                       nn.Flatten(), nn.Linear(64, k)).double()
+    _randomize_bn(m2, 2)
+    x2, y2 = data((2, 8, 8), 5, k)
+    exp2, exp2_pl, ((out2, pl2), rep2) = _both(m2, x2, y2, path="chain", max_chunk=2)
+    assert rep2["xhat_dropped"] == 0 and kept[-1] == [True, True], (rep2, kept)
+    assert rel(out2, exp2) <= 1e-10
+    check_per_layer(pl2, exp2_pl, exp2.max().item(), 1e-10)
+
+
+@pytest.mark.parametrize("route", ["basis", "stacked"])
+def test_b64_vgg(monkeypatch, route):
+    """B = 64 (the bench's batch size) on the VGG-like model, default chunk, both routes of the top conv."""
+    import bnmem_kernels.norms.exact_chain as ec
+
+    monkeypatch.setattr(ec, "AFFINE_BASIS_BUDGET", 0.0 if route == "stacked" else float("inf"))
+    m, shape, k = make("vgg")
+    x, y = data(shape, 64, k)
+    exp, exp_pl, ((out, pl), rep) = _both(m, x, y)
+    assert rep["path"] == "chain" and rep["chunk"] == 16
     assert rel(out, exp) <= 1e-10
     check_per_layer(pl, exp_pl, exp.max().item(), 1e-10)
