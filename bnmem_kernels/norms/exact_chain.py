@@ -16,20 +16,24 @@ sample's row), so from there down one pass carries both.
 The coupling part is carried in three forms, so that no step does more work than its structure needs:
 - affine (alpha, beta per seed and channel, at a BatchNorm's input): the Conv/Linear beneath takes
   it in closed form: weight gradient alpha (x) r1 + beta * Rz (two weight gradients of the conv, shared
-  by all seeds); where the gradient is affine only (under the top BatchNorm), the input gradient by
-  one transposed convolution of xhat with the seeds' kernels stacked (beta[s, o] W[o]), plus alpha @ P;
+  by all seeds); where the gradient is affine only (under the top BatchNorm), the input gradient is
+  beta @ Q + alpha @ P, Q the input gradients of xhat's channels one at a time (built once per call by
+  one grouped convolution, where it fits AFFINE_BASIS_BUDGET; else transposed convolutions of xhat with
+  the seeds' kernels stacked), written straight into the values of a max pool beneath;
 - pooled (below a max pool): the gradient lives on the maxima only: values [C, n, B, P] at the
   pool's indices; elementwise layers and BatchNorms act on the values, and a Conv beneath takes its
   weight gradient from the windows at the maxima only (the pooled_conv_weight_grad kernel: K^2 times
   fewer MACs for K x K pools); its input gradient is one transposed convolution of the scattered
-  gradient, a few seeds at a time;
+  gradient, a few seeds at a time, written into the values of the max pool beneath (if any);
 - dense: [n, B, *shape], through every layer's own batched backward.
 
 Same numbers as the autograd loop (to rounding); the model is not modified (the forward calls each
 layer as model(x) would, BatchNorm through torch's native kernel without running statistics).
 `chain_layers` says whether a model is such a chain (ChainUnsupported otherwise, and the caller takes
 another path); `chain_sq_norms` computes {name: [B] squared norms}; large buffers come from a pool
-kept between calls (_Arena, `release_workspaces`).
+kept between calls (_Arena, `release_workspaces`). Memory: a layer's per-seed parameter gradients become
+norms as soon as the layer is done, and the first block's xhat is dropped once the two caches that use
+it exist (_drop_low_xhats).
 """
 from __future__ import annotations
 
