@@ -788,6 +788,25 @@ def test_top_conv_into_the_merge_pool(monkeypatch, stride, pool, route, dtype):
     check_per_layer({k: v.double() for k, v in pl.items()}, exp_pl, exp.max().item(), tol)
 
 
+@pytest.mark.parametrize("acts", ["relu", "elu_dropout", "identity"])
+def test_elementwise_under_a_pool_applied_as_the_conv_writes(acts):
+    """The elementwise layers under a max pool (ELU and dropout: non-0/1 derivatives, several per pool; none)
+    are applied as the conv above writes its input gradient into the pool's values (the dense route at the
+    middle block, the affine route at the merge pool, the diagonal part joining there): the loop's numbers."""
+    def block(i, o):
+        act = {"relu": [nn.ReLU()], "elu_dropout": [nn.ELU(), nn.Dropout(0.25)], "identity": [nn.Identity()]}[acts]
+        return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), *act, nn.MaxPool2d(2)]
+    torch.manual_seed(8)
+    m = nn.Sequential(*block(2, 4), *block(4, 5), nn.Conv2d(5, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(16, 3)).double()
+    _randomize_bn(m, 8)
+    x, y = data((2, 8, 8), 6, 3)
+    exp, exp_pl, ((out, pl), rep) = _both(m, x, y, path="chain", max_chunk=4)
+    assert rep["path"] == "chain"
+    assert rel(out, exp) <= 1e-10
+    check_per_layer(pl, exp_pl, exp.max().item(), 1e-10)
+
+
 def test_first_block_xhat_dropped(monkeypatch):
     """The first block's BN (conv -> BN -> ReLU -> max pool -> conv) keeps only its two caches, not xhat
     (report["xhat_dropped"]); a BN whose conv beneath needs its input gradient keeps it. Same numbers."""
