@@ -463,11 +463,13 @@ def _conv_pooled_wgrad(r, pooled):
 def _conv_affine_terms(r, xhat):
     """(r1 [r], Rz [O, r], sum xhat [O]) for the closed form of an affine gradient (groups = 1):
     r1 = sum over samples and positions of the unfolded input, Rz[o] = the same weighted by xhat[:, o]
-    (two weight gradients of the conv, with output gradients 1 and xhat)."""
+    (weight gradients of the conv, with output gradients 1 (of the samples' sum) and xhat)."""
     if "aff" not in r.cache:
         c = r.cache["geom"]
-        ones = torch.ones(c.B, 1, c.Ho, c.Wo, dtype=c.W.dtype, device=c.W.device)
-        r1 = conv2d_weight(r.x, (1, c.I, c.k[0], c.k[1]), ones, c.s, c.p, c.dil).reshape(-1)
+        # r1 is linear in the input and its output gradient is the same for every sample: the samples'
+        # sum through one weight gradient of a batch of one
+        ones = torch.ones(1, 1, c.Ho, c.Wo, dtype=c.W.dtype, device=c.W.device)
+        r1 = conv2d_weight(r.x.sum(0, keepdim=True), (1, c.I, c.k[0], c.k[1]), ones, c.s, c.p, c.dil).reshape(-1)
         Rz = conv2d_weight(r.x, tuple(c.W.shape), xhat.contiguous(), c.s, c.p, c.dil).reshape(c.O, -1)
         r.cache["aff"] = (r1, Rz, xhat.sum((0, 2, 3)))
     return r.cache["aff"]
