@@ -24,6 +24,9 @@ BIG = {   # the CPU kernel's chunking over (b, p) (several chunks), N and K off 
     "conv1": (5, 3, 18, 18, 16, (3, 3), (1, 1), (1, 1), 1, (16, 16), 64, 6),
     "n16": (3, 16, 10, 11, 8, (3, 2), (1, 2), (2, 1), 2, (6, 5), 16, 16),   # seeds in vector lanes (N >= width)
     "n13": (2, 6, 9, 9, 6, (3, 3), (2, 1), (1, 1), 3, (4, 7), 9, 13),      # ... with a partial vector
+    # ... 3 blocks of 8 seeds (the fp32 values are packed by 8 x 8 register transposes where the CPU runs
+    # AVX2), runs of slots cut by the chunks of maxima (B P = 312 > one chunk of 256) and by P = 13 (not 8k)
+    "n24": (24, 5, 9, 9, 4, (3, 3), (1, 1), (1, 1), 1, (7, 7), 13, 24),
 }
 
 
@@ -134,7 +137,7 @@ def test_bench_like_shapes(backend, dtype, name):
 
 
 @pytest.mark.skipif(bool(testing._backend.unavailable_reason("cpu", "cpu")), reason="extension not built")
-@pytest.mark.parametrize("name", ["odd", "groups2", "conv2", "n16", "n13"])
+@pytest.mark.parametrize("name", ["odd", "groups2", "conv2", "n16", "n13", "n24"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_cpu_baseline_isa(monkeypatch, name, dtype):
     """The CPU kernel's SSE2 build (the run-time pick on CPUs without AVX2/FMA), forced."""
