@@ -499,6 +499,9 @@ DGRAD_SEEDS = 2
 
 
 AFFINE_BASIS_BUDGET = 1.0    # Q is built when it takes at most this fraction of the forward's activations
+AFFINE_BASIS_MIN_B = 16      # ... and B is at least this: below, Q's build (mkldnn's buffers for the grouped
+                             # convolution) outweighs what it saves (bench CNN at B = 8: 4.2x plain memory with
+                             # Q, 2.5x without; the time is small either way)
 
 
 def _conv_affine_basis(r, xhat):
@@ -532,7 +535,8 @@ def _conv_affine_input_grad(r, alpha, beta, xhat, n, pool=None):
     or the values of the max pool `pool` beneath (pooled [I, n, B, P], written straight into them). The
     beta part is one batched GEMM with Q, the input gradients of xhat's channels one at a time
     (_conv_affine_basis, once per call: as much work as one seed's transposed convolution), where Q
-    (O x the conv's input) takes at most AFFINE_BASIS_BUDGET x the forward's activation bytes; else
+    (O x the conv's input) takes at most AFFINE_BASIS_BUDGET x the forward's activation bytes and B is at
+    least AFFINE_BASIS_MIN_B; else
     transposed convolutions of xhat with the seeds' kernels stacked (n seeds' worth of work). The alpha
     part is alpha @ P, P the input gradient of a constant 1 in each output channel (computed once)."""
     c = r.cache["geom"]
@@ -542,7 +546,7 @@ def _conv_affine_input_grad(r, alpha, beta, xhat, n, pool=None):
         r.cache["P"] = _conv_input_grad(c, eye.contiguous()).reshape(c.O, c.I, HW)
     out = _workspace(pool, "ws_vals", (c.I, n, c.B, HW), W) if pool is not None else \
         _workspace(r, "ws_affine", (c.I, n, c.B, HW), W)
-    if c.O * c.I * c.B * HW * W.element_size() <= AFFINE_BASIS_BUDGET * r.arena.act_bytes:
+    if c.B >= AFFINE_BASIS_MIN_B and c.O * c.I * c.B * HW * W.element_size() <= AFFINE_BASIS_BUDGET * r.arena.act_bytes:
         # out[i] = beta @ Q[:, i] for every input channel i (Q[:, i]: a strided batch, rows contiguous)
         torch.bmm(beta.unsqueeze(0).expand(c.I, n, c.O), _conv_affine_basis(r, xhat).transpose(0, 1),
                   out=out.view(c.I, n, -1))

@@ -733,8 +733,9 @@ def test_auto_without_compiled_backends_takes_the_torch_route(monkeypatch):
 def test_affine_only_input_gradient_under_the_top_bn(monkeypatch, stride, dilation, route):
     """The conv right under the top BN takes its input gradient from the affine part alone (plus alpha @ P):
     by the basis Q (one grouped convolution per call; stride 1 as a forward convolution, stride 2 as a
-    transposed one; AFFINE_BASIS_BUDGET = inf here) or, where Q would be too large (0 here), by transposed
-    convolutions of xhat with the seeds' kernels stacked: the loop's numbers either way."""
+    transposed one; AFFINE_BASIS_BUDGET = inf and AFFINE_BASIS_MIN_B = 1 here) or, where Q would be too
+    large or B small (budget 0 here), by transposed convolutions of xhat with the seeds' kernels stacked:
+    the loop's numbers either way."""
     import bnmem_kernels.norms.exact_chain as ec
 
     built, basis = [], []
@@ -750,6 +751,7 @@ def test_affine_only_input_gradient_under_the_top_bn(monkeypatch, stride, dilati
     monkeypatch.setattr(ec, "_conv_affine_input_grad", spy)
     monkeypatch.setattr(ec, "_conv_affine_basis", spy_basis)
     monkeypatch.setattr(ec, "AFFINE_BASIS_BUDGET", 0.0 if route == "stacked" else float("inf"))
+    monkeypatch.setattr(ec, "AFFINE_BASIS_MIN_B", 1)
     torch.manual_seed(3)
     m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                       nn.Conv2d(4, 5, 3, stride=stride, padding=dilation, dilation=dilation), nn.BatchNorm2d(5),
@@ -774,6 +776,7 @@ def test_top_conv_into_the_merge_pool(monkeypatch, stride, pool, route, dtype):
     import bnmem_kernels.norms.exact_chain as ec
 
     monkeypatch.setattr(ec, "AFFINE_BASIS_BUDGET", 0.0 if route == "stacked" else float("inf"))
+    monkeypatch.setattr(ec, "AFFINE_BASIS_MIN_B", 1)
     torch.manual_seed(5)
     m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(*pool),
                       nn.Conv2d(4, 5, 3, stride=stride, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
@@ -843,6 +846,7 @@ def test_b64_vgg(monkeypatch, route):
     import bnmem_kernels.norms.exact_chain as ec
 
     monkeypatch.setattr(ec, "AFFINE_BASIS_BUDGET", 0.0 if route == "stacked" else float("inf"))
+    monkeypatch.setattr(ec, "AFFINE_BASIS_MIN_B", 1)
     m, shape, k = make("vgg")
     x, y = data(shape, 64, k)
     exp, exp_pl, ((out, pl), rep) = _both(m, x, y)
