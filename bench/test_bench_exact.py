@@ -209,7 +209,7 @@ def test_sweep_over_batch_size(benchmark):
 
     model = bn_cnn()
     rows = []
-    for b in (16, 32, 64, 128, 256):
+    for b in (4, 8, 16, 32, 64, 128, 256):
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(b, 3, 16, 16, generator=g), torch.randint(0, 10, (b,), generator=g)
         row = {"B": b}
