@@ -228,6 +228,12 @@ class _Rec:
         self.cache: dict = {}
 
 
+def _gather_at(idx, t):
+    """t [B, C, *spatial] at a max pool's maxima idx [B, C, P] (flat positions), as [C, 1, B, P]."""
+    g = t.reshape(t.shape[0], t.shape[1], -1).gather(2, idx)
+    return g.permute(1, 0, 2).unsqueeze(1).contiguous()
+
+
 class _Pooled:
     """A gradient that lives on the maxima of a max pool: vals [C, n, B, P] (channel-major, so that the
     per-channel GEMMs and sums read it contiguously) at the flat input positions idx [B, C, P] (the same
@@ -238,8 +244,7 @@ class _Pooled:
 
     def gather(self, t):
         """t [B, C, *spatial] at the maxima, as [C, 1, B, P] (broadcasts against vals)."""
-        g = t.reshape(t.shape[0], t.shape[1], -1).gather(2, self.idx)
-        return g.permute(1, 0, 2).unsqueeze(1).contiguous()
+        return _gather_at(self.idx, t)
 
     def sums(self, w=None):
         """[n, C]: sum over samples and maxima of vals (weighted by w [C, 1, B, P]; the products a few
@@ -678,7 +683,7 @@ def _drop_low_xhats(recs, bns, need_below):
         if not (j + 1 < K and recs[j].kind == "maxpool" and len(recs[j].xshape) == 4 and recs[j + 1].kind == "conv"):
             continue
         r, idx = recs[k], recs[j].idx
-        r.cache[("xhat_g", id(idx))] = _Pooled(None, idx, 0).gather(r.xhat)
+        r.cache[("xhat_g", id(idx))] = _gather_at(idx, r.xhat)
         _conv_affine_terms(below, r.xhat)
         r.xhat = None
         dropped += 1
