@@ -792,10 +792,10 @@ def test_top_conv_into_the_merge_pool(monkeypatch, stride, pool, route, dtype):
 
 
 @pytest.mark.parametrize("acts", ["relu", "elu_dropout", "identity"])
-def test_elementwise_under_a_pool_applied_as_the_conv_writes(acts):
-    """The elementwise layers under a max pool (ELU and dropout: non-0/1 derivatives, several per pool; none)
-    are applied as the conv above writes its input gradient into the pool's values (the dense route at the
-    middle block, the affine route at the merge pool, the diagonal part joining there): the loop's numbers."""
+def test_elementwise_layers_under_max_pools(acts):
+    """Elementwise layers under a max pool (ELU and dropout: non-0/1 derivatives, several per pool; none) act
+    on the pool's values, which the conv above wrote (the dense route at the middle block, the affine route
+    at the merge pool, where the diagonal part joins): the loop's numbers."""
     def block(i, o):
         act = {"relu": [nn.ReLU()], "elu_dropout": [nn.ELU(), nn.Dropout(0.25)], "identity": [nn.Identity()]}[acts]
         return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), *act, nn.MaxPool2d(2)]
