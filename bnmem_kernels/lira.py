@@ -1,6 +1,6 @@
 """Batched membership-inference scoring: LiRA (Carlini et al. 2022) and RMIA (Zarifzadeh et al. 2024).
 
-Definitions in MATH.md ("LiRA and RMIA"). Every function takes `backend=None` (BNMEM_BACKEND or
+Definitions in docs/math.md ("LiRA and RMIA"). Every function takes `backend=None` (BNMEM_BACKEND or
 auto; "cuda", "triton", "cpu" or "reference", see `bnmem_kernels._backend`). Higher score = more
 likely a member. The ground truth is `bnmem_kernels.reference.lira` (a per-example numpy/scipy
 loop in the style of the public LiRA code, and a vectorized fp64 PyTorch version).

@@ -2,7 +2,7 @@
 
 For a model that is an nn.Sequential chain of known layers (Conv2d, Linear, BatchNorm1d/2d in train
 mode, elementwise activations, dropout, max/avg/adaptive pooling, Flatten; no hooks), the backward of
-one sample's loss l_i through the whole batch splits, at every level, into two parts (MATH.md, "BN's
+one sample's loss l_i through the whole batch splits, at every level, into two parts (docs/math.md, "BN's
 coupling, exactly"):
 
 - the *diagonal* part, living on sample i only: f_i, the gradient with BatchNorm statistics held

@@ -1,4 +1,4 @@
-"""Exact per-sample gradients by treating BatchNorm's batch statistics as variables (MATH.md).
+"""Exact per-sample gradients by treating BatchNorm's batch statistics as variables (docs/math.md).
 
 With s = (mu_k, var_k) the batch statistics of every BatchNorm call k, l_i(theta; X) =
 F_i(theta, s(theta, X)), where F_i, the loss of sample i with the statistics held fixed, depends
@@ -224,7 +224,7 @@ def _consumer_counts(root) -> dict:
 
 def _zero_biases(model, tape, losses, names) -> list:
     """Names of biases whose output feeds one BatchNorm (train mode) and nothing else: BN removes any
-    per-channel shift of its input, so their exact per-sample gradient is exactly zero (MATH.md).
+    per-channel shift of its input, so their exact per-sample gradient is exactly zero (docs/math.md).
     Proven from the graph: the BatchNorm's input is the module's output tensor itself and the node
     producing it has exactly one consumer (the BatchNorm's entry view)."""
     if losses.grad_fn is None:
@@ -287,7 +287,7 @@ def _sole_producer(x, outputs, counts, owners, calls):
 
 def _closed_form_producers(model, tape, losses, names, params) -> dict:
     """BatchNorm calls k whose input z_k is the output of a Linear/Conv module m_k used once, with
-    unshared parameters, consumed by that BatchNorm only. Then (MATH.md, the layer beneath a BN)
+    unshared parameters, consumed by that BatchNorm only. Then (docs/math.md, the layer beneath a BN)
         d mu_kc / d W_k = (1/M) row c of VJP(z_k; ones),  d var_kc / d W_k = (2/M) row c of VJP(z_k; z_k - mu_k)
     (row c of W_k feeds channel c only), the same for the bias. Returns {k: info}: "q" (indices of
     m_k's trainable parameters), "rows" (the two VJPs per parameter), "input_free" (m_k's input

@@ -1,7 +1,7 @@
 """The one-pass engine: per-sample gradient norms for mode="column" | "detached" | "eval" from ONE
 backward pass of sum_i l_i, and the public `per_sample_grad_norms` (mode="exact" goes to exact.py).
 
-How (MATH.md, "Ghost norms"): forward hooks on every module that owns trainable parameters keep
+How (docs/math.md, "Ghost norms"): forward hooks on every module that owns trainable parameters keep
 its input A (and the statistics of normalization layers) and register a tensor hook on its output
 that records G = d(sum_i l_i)/d out when the backward passes. `torch.autograd.grad(sum_i l_i,
 taps)` runs the one backward, where the taps are, for each module at the bottom of the graph (its
@@ -218,7 +218,7 @@ def per_sample_grad_norms(model, loss_fn, inputs, targets, *, mode="exact", per_
 
     model: nn.Module; inputs: a tensor [B, ...] (or a tuple of tensors, passed as model(*inputs));
     targets: whatever loss_fn takes; loss_fn(outputs, targets) -> per-sample losses [B].
-    mode (MATH.md): "exact" (BN in train mode, with its cross-sample coupling; norms.exact),
+    mode (docs/math.md): "exact" (BN in train mode, with its cross-sample coupling; norms.exact),
     "column" (the split of the batch gradient over samples, G_i^T A_i per layer),
     "detached" (BN batch statistics constant in the backward), "eval" (running statistics).
     Only parameters with requires_grad count; total^2 = sum of per-parameter squares.

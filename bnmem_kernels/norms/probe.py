@@ -4,7 +4,7 @@
         loss = F.cross_entropy(model(x), y)           # mean over the batch
         loss.backward()                               # the user's ordinary backward
         optimizer.step()
-    probe.norms        # [B]: ||d l_i / d theta|| per sample (column split, MATH.md)
+    probe.norms        # [B]: ||d l_i / d theta|| per sample (column split, docs/math.md)
     probe.per_layer    # {parameter name: [B]}
 
 Inside the block, forward hooks on every module that owns trainable parameters keep its input

@@ -1,14 +1,14 @@
 """Per-layer rules for one-pass per-sample gradient norms: ONE table, one rule per layer type.
 
 A rule turns what the forward and backward saw at one module call into per-sample squared norms
-of that module's own parameters (MATH.md, "column": the weight gradient split over the samples):
+of that module's own parameters (docs/math.md, "column": the weight gradient split over the samples):
   - `capture(module, x, output, mode)`, in the forward hook: returns the state the rule needs
     later (the input, statistics; never a copy of the output; every tensor with the batch as
     dim 0, or a leading 1 when shared by all samples, so the engine can chunk samples), and for mode="detached" a
     replacement output (only BatchNorm: batch statistics detached, see `BatchNormRule`);
   - `sq_norms(module, state, grad_out, backend)`, after the backward: {local parameter name:
     [B] squared norms}, computed from the module input A and the output gradient G without ever
-    forming a per-sample gradient of more than one sample chunk (ghost norms, MATH.md).
+    forming a per-sample gradient of more than one sample chunk (ghost norms, docs/math.md).
 
 Adding a layer type = one class with those two methods and `@register(nn.SomeLayer)`. A module
 that owns parameters and has no rule makes the engine raise `UnsupportedModuleError`.

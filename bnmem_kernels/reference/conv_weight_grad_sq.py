@@ -1,4 +1,4 @@
-"""Reference per-sample squared norms of a Conv2d weight gradient (MATH.md, "Ghost norms")."""
+"""Reference per-sample squared norms of a Conv2d weight gradient (docs/math.md, "Ghost norms")."""
 import torch
 import torch.nn.functional as F
 

@@ -1,4 +1,4 @@
-"""Reference ghost norms (MATH.md, "Ghost norms")."""
+"""Reference ghost norms (docs/math.md, "Ghost norms")."""
 import torch
 
 

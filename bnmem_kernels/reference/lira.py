@@ -1,4 +1,4 @@
-"""LiRA / RMIA ground truth (MATH.md, "LiRA and RMIA").
+"""LiRA / RMIA ground truth (docs/math.md, "LiRA and RMIA").
 
 Two implementations of every score:
   *_loop   the oracle: a per-target, per-example numpy/scipy loop in the style of the public LiRA

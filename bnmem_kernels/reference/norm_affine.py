@@ -1,4 +1,4 @@
-"""Reference per-sample affine-parameter gradient norms of a normalization layer (MATH.md, column).
+"""Reference per-sample affine-parameter gradient norms of a normalization layer (docs/math.md, column).
 
 For x, dy viewed as [B, C, S] (C = the affine parameter's index, S = positions reduced over) and the
 layer's statistics mean, rstd broadcastable to [B, C, S]:

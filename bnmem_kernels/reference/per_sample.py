@@ -1,4 +1,4 @@
-"""Reference per-sample gradient norms: plain autograd loops, the ground truth (MATH.md, four modes).
+"""Reference per-sample gradient norms: plain autograd loops, the ground truth (docs/math.md, four modes).
 
 per_sample_grad_norms(model, loss_fn, inputs, targets, *, mode="exact", per_layer=False,
                       backend=None, max_chunk=None)

@@ -1,4 +1,4 @@
-"""Triton kernels for LiRA: logit_confidence and lira_scores (MATH.md "LiRA and RMIA").
+"""Triton kernels for LiRA: logit_confidence and lira_scores (docs/math.md, "LiRA and RMIA").
 
 lira_scores: program p owns a block of BN examples and holds the [BN, BM] tile of (example, model)
 values of one augmentation at a time (BM = M padded to a power of 2, models on the last axis).

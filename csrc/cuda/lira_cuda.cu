@@ -1,4 +1,4 @@
-// LiRA scoring on CUDA: logit_confidence and lira_scores (MATH.md "LiRA and RMIA").
+// LiRA scoring on CUDA: logit_confidence and lira_scores (docs/math.md, "LiRA and RMIA").
 //
 // logit_confidence: one warp per row; each lane keeps a running max and a rescaled sum of
 // exponentials over its strided share of K (skipping the label), then the lanes merge their

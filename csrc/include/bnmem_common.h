@@ -24,7 +24,7 @@ inline bool cpu_use_avx2() {
 }
 #endif
 
-// Ghost-norm route (MATH.md): the Gram route costs O(T^2 (d_in + d_out)) and needs two T x T
+// Ghost-norm route (docs/math.md): the Gram route costs O(T^2 (d_in + d_out)) and needs two T x T
 // Grams; materializing G_i^T A_i costs O(T d_in d_out). Gram when 2 T^2 < d_in * d_out.
 enum GhostRoute : int64_t { kRouteAuto = 0, kRouteGram = 1, kRouteMaterialize = 2 };
 

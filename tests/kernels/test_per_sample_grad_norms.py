@@ -116,7 +116,7 @@ def test_fp64_matches_reference_every_layer(name, mode, backend):
 @pytest.mark.parametrize("name", ["conv2d_bn", "conv_transpose2d", "conv1d_bn1d", "embedding", "layernorm_2d"])
 @pytest.mark.parametrize("mode", MODES)
 def test_fp32_matches_fp64(name, mode):
-    """fp32 model vs the fp64 reference on the same fp32-rounded weights and inputs (MATH.md
+    """fp32 model vs the fp64 reference on the same fp32-rounded weights and inputs (docs/math.md,
     testing note); smooth activations except at one ReLU whose kinks B = 5 samples do not cross
     at this seed (the comparison is what a kink would break, and it holds)."""
     model, x, y, loss = build(name, dtype=torch.float32, seed=3)
