@@ -21,7 +21,11 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default=None, help="cuda | triton | cpu | reference (default: auto)")
     args = parser.parse_args(argv)
 
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        parser.error("the demo reads scikit-learn's digits data: pip install scikit-learn (or the suite extra, "
+                     "pip install -e '.[suite]')")
 
     digits = load_digits()
     x = torch.tensor(digits.data[: args.batch], dtype=torch.float64) / 16.0

@@ -124,6 +124,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("bnmem: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:   # the kernel library installed without the suite's extra
+        if (exc.name or "").split(".")[0] not in ("matplotlib", "mlxtend", "sklearn", "PIL", "scipy", "tqdm"):
+            raise
+        print(f"bnmem: error: the experiment suite needs {exc.name!r}: pip install -e '.[suite]' "
+              "(or pip install 'bnmem[suite]')", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,12 +9,9 @@ import torch.nn.functional as F
 from bnmem_kernels.norms._checks import trainable_parameters
 from bnmem_kernels.norms.exact import ExactFallbackWarning, exact_per_sample_grad_norms, exact_report
 from bnmem_kernels.reference import per_sample_grad_norms as reference
+from _helpers import ce, data, rel
 
 PATHS = ("coupled", "seed_batched")
-
-
-def ce(o, t):
-    return F.cross_entropy(o, t, reduction="none")
 
 
 class Basic(nn.Module):
@@ -97,15 +94,6 @@ def make(arch, dtype=torch.float64, seed=0):
     else:
         raise KeyError(arch)
     return m.to(dtype), shape, 3 if arch != "tiny" else 2
-
-
-def data(shape, B, k, dtype=torch.float64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, *shape, generator=g, dtype=dtype), torch.randint(0, k, (B,), generator=g)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).abs() / b.double().abs()).max().item()
 
 
 def check_per_layer(pl, expected_pl, total_scale, tol):

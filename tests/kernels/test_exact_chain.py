@@ -14,7 +14,7 @@ from bnmem_kernels.norms._checks import trainable_parameters
 from bnmem_kernels.norms.exact import ExactFallbackWarning, exact_report
 from bnmem_kernels.norms.exact_chain import ChainUnsupported, release_workspaces
 from bnmem_kernels.reference import per_sample_grad_norms as reference
-from test_exact import ce, data, rel      # the same loss, data and error measure as the other exact tests
+from _helpers import ce, data, rel        # the same loss, data and error measure as the other exact tests
 
 
 def check_per_layer(pl, expected_pl, total_scale, tol):
