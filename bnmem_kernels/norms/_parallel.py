@@ -21,20 +21,65 @@ import torch
 
 # fewer passes than this per worker run as a plain loop (handing them out costs more than it saves)
 MIN_PASSES_PER_WORKER = 4
-_POOLS: dict = {}
-_POOLS_LOCK = threading.Lock()
+
+# torch's intra-op thread count is process-wide, so the bookkeeping of who set it to 1 is too: the
+# first running map_passes call (of any PassPool) saves the count, the last one to finish restores it.
+_THREADS_LOCK = threading.Lock()
+_ACTIVE = {"calls": 0, "threads": None}
 
 
-_ACTIVE = {"calls": 0, "threads": None}     # map_passes calls running, torch's thread count before the first
+class PassPool:
+    """Worker threads for independent backward passes: one ThreadPoolExecutor per worker count,
+    started on first use (starting threads costs ~3 ms a call; idle workers cost nothing) and kept
+    until `shutdown()`. Concurrent `map` calls on one pool share its workers: their tasks queue
+    together. The exact engines use `DEFAULT_POOL` through `map_passes`; `release_pass_threads()`
+    stops its threads (the next call starts new ones)."""
+
+    def __init__(self):
+        self._executors: dict[int, ThreadPoolExecutor] = {}
+        self._lock = threading.Lock()
+
+    def executor(self, W: int) -> ThreadPoolExecutor:
+        with self._lock:
+            if W not in self._executors:
+                self._executors[W] = ThreadPoolExecutor(W, thread_name_prefix="bnmem-pass")
+            return self._executors[W]
+
+    def shutdown(self) -> None:
+        """Stop this pool's worker threads (after their running tasks)."""
+        with self._lock:
+            executors, self._executors = list(self._executors.values()), {}
+        for ex in executors:
+            ex.shutdown(wait=True)
+
+    def map(self, fn, items, device) -> list:
+        """[fn(item) for item in items], the calls spread over pass_workers(device) threads (items
+        interleaved over the workers; at least MIN_PASSES_PER_WORKER each, else fewer workers or a
+        plain loop) with one intra-op thread each; results in the order of items. fn must not call
+        map_passes."""
+        items = list(items)
+        W = min(pass_workers(device), len(items) // MIN_PASSES_PER_WORKER)
+        if W <= 1:
+            return [fn(it) for it in items]
+        with _THREADS_LOCK:
+            if _ACTIVE["calls"] == 0:
+                _ACTIVE["threads"] = torch.get_num_threads()
+                torch.set_num_threads(1)
+            _ACTIVE["calls"] += 1
+        try:
+            parts = list(self.executor(W).map(lambda w: [fn(it) for it in items[w::W]], range(W)))
+        finally:
+            with _THREADS_LOCK:
+                _ACTIVE["calls"] -= 1
+                if _ACTIVE["calls"] == 0:
+                    torch.set_num_threads(_ACTIVE["threads"])
+        out: list = [None] * len(items)
+        for w, part in enumerate(parts):
+            out[w::W] = part
+        return out
 
 
-def _pool(W: int) -> ThreadPoolExecutor:
-    """One lazily created pool per worker count, kept for the process (starting threads costs ~3 ms a
-    call; idle workers cost nothing). Concurrent map_passes calls share it: their tasks queue together."""
-    with _POOLS_LOCK:
-        if W not in _POOLS:
-            _POOLS[W] = ThreadPoolExecutor(W, thread_name_prefix="bnmem-pass")
-        return _POOLS[W]
+DEFAULT_POOL = PassPool()
 
 
 def pass_workers(device) -> int:
@@ -53,27 +98,11 @@ def pass_workers(device) -> int:
     return max(1, torch.get_num_threads())
 
 
-def map_passes(fn, items, device) -> list:
-    """[fn(item) for item in items], the calls spread over pass_workers(device) threads (items
-    interleaved over the workers; at least MIN_PASSES_PER_WORKER each, else fewer workers or a plain
-    loop) with one intra-op thread each; results in the order of items. fn must not call map_passes."""
-    items = list(items)
-    W = min(pass_workers(device), len(items) // MIN_PASSES_PER_WORKER)
-    if W <= 1:
-        return [fn(it) for it in items]
-    with _POOLS_LOCK:     # the first of concurrent calls saves torch's thread count, the last restores it
-        if _ACTIVE["calls"] == 0:
-            _ACTIVE["threads"] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _ACTIVE["calls"] += 1
-    try:
-        parts = list(_pool(W).map(lambda w: [fn(it) for it in items[w::W]], range(W)))
-    finally:
-        with _POOLS_LOCK:
-            _ACTIVE["calls"] -= 1
-            if _ACTIVE["calls"] == 0:
-                torch.set_num_threads(_ACTIVE["threads"])
-    out: list = [None] * len(items)
-    for w, part in enumerate(parts):
-        out[w::W] = part
-    return out
+def map_passes(fn, items, device, pool: PassPool | None = None) -> list:
+    """`pool.map(fn, items, device)` on `pool` (default: DEFAULT_POOL, shared by the exact engines)."""
+    return (pool or DEFAULT_POOL).map(fn, items, device)
+
+
+def release_pass_threads() -> None:
+    """Stop the exact engines' worker threads (DEFAULT_POOL); the next call starts new ones."""
+    DEFAULT_POOL.shutdown()

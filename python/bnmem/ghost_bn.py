@@ -13,10 +13,11 @@ of at most V samples, it is exactly nn.BatchNorm.
 (has_batchnorm, freeze_batchnorm, eval/train-mode queries, state dicts) applies unchanged.
 Per-sample gradient norms: bnmem_kernels' one-pass engine needs ONE module call per forward and a
 rule per module type (a BatchNorm rule would use the whole batch's statistics: wrong here), so this
-module normalizes the virtual batches functionally inside its single call, and registers
-`GhostBatchNormRule` in the kernels' rule table (`bnmem_kernels.norms.rules.register`, the
-documented extension point; nothing in bnmem_kernels is edited): per-sample statistics = those of
-the sample's virtual batch, then the kernels' `norm_affine_grad_sq`, as for GroupNorm.
+module normalizes the virtual batches functionally inside its single call. Its `GhostBatchNormRule`
+is registered in the kernels' rule table with `@bnmem_kernels.norms.rules.register` when this module
+is imported (the documented extension point; nothing in bnmem_kernels is edited): per-sample
+statistics = those of the sample's virtual batch, then the kernels' `norm_affine_grad_sq`, as for
+GroupNorm.
 tests/suite/test_mitigate.py checks every mode against the autograd reference.
 """
 from __future__ import annotations
@@ -26,6 +27,9 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from bnmem_kernels import norm_affine_grad_sq
+from bnmem_kernels.norms import rules
 
 _NAME = re.compile(r"^gbn(\d+)$")
 
@@ -91,61 +95,52 @@ class GhostBatchNorm2d(_Ghost, nn.BatchNorm2d):
 
 
 def ghost_norm_layer(norm: str, channels: int, *, conv: bool) -> nn.Module:
-    _register_rule()
     return (GhostBatchNorm2d if conv else GhostBatchNorm1d)(channels, parse_virtual_batch(norm))
 
 
-_REGISTERED = []
+@rules.register(GhostBatchNorm1d, GhostBatchNorm2d)
+class GhostBatchNormRule(rules.Rule):
+    """Per-sample statistics = the sample's virtual batch's; otherwise (eval, frozen, a batch of at
+    most V samples) BatchNorm's own rule. Registered in bnmem_kernels' rule table when this module is
+    imported, as the library's own rules are."""
 
+    @staticmethod
+    def _bn_rule():
+        return rules.RULES[nn.BatchNorm2d]
 
-def _register_rule():
-    """Add GhostBatchNormRule to bnmem_kernels' per-sample gradient rule table (once)."""
-    if _REGISTERED:
-        return
-    from bnmem_kernels import norm_affine_grad_sq
-    from bnmem_kernels.norms import rules
-
-    bn_rule = rules.rule_for(nn.BatchNorm2d(1))
-
-    @rules.register(GhostBatchNorm1d, GhostBatchNorm2d)
-    class GhostBatchNormRule(rules.Rule):
-        """Per-sample statistics = the sample's virtual batch's; otherwise BN's own rule."""
-
-        def capture(self, module, x, output, mode):
-            if not module.uses_virtual_batches(x):
-                state, replace = bn_rule.capture(module, x, output, mode)
-                return {**state, "bn": True}, replace
-            B, C = x.shape[:2]
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            sizes = split_sizes(B, module.virtual_batch_size)
-            dims = [0] + list(range(2, x.dim()))
-            with torch.no_grad():
-                stats = [torch.var_mean(c.detach().to(acc), dim=dims, correction=0) for c in x.split(sizes)]
-                reps = torch.tensor(sizes, device=x.device)
-                mean = torch.stack([m for _, m in stats]).repeat_interleave(reps, dim=0)          # [B, C]
-                rstd = torch.rsqrt(torch.stack([v for v, _ in stats]) + module.eps).repeat_interleave(reps, dim=0)
-            replace = None
-            if mode == "detached":  # statistics constant in the backward
-                shape = [B, C] + [1] * (x.dim() - 2)
-                y = (x - mean.to(x.dtype).view(shape)) * rstd.to(x.dtype).view(shape)
-                if module.weight is not None:
-                    pshape = [1, C] + [1] * (x.dim() - 2)
-                    y = y * module.weight.view(pshape) + module.bias.view(pshape)
-                replace = y
-            return {"x": x, "mean": mean, "rstd": rstd, "bn": False}, replace
-
-        def sq_norms(self, module, state, grad_out, backend):
-            if state["bn"]:
-                return bn_rule.sq_norms(module, state, grad_out, backend)
-            x = state["x"]
-            B, C = x.shape[:2]
-            out = norm_affine_grad_sq(x.reshape(B, C, -1), grad_out.reshape(B, C, -1), state["mean"].view(B, C, 1),
-                                      state["rstd"].view(B, C, 1), backend=backend)
-            res = {}
+    def capture(self, module, x, output, mode):
+        if not module.uses_virtual_batches(x):
+            state, replace = self._bn_rule().capture(module, x, output, mode)
+            return {**state, "bn": True}, replace
+        B, C = x.shape[:2]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        sizes = split_sizes(B, module.virtual_batch_size)
+        dims = [0] + list(range(2, x.dim()))
+        with torch.no_grad():
+            stats = [torch.var_mean(c.detach().to(acc), dim=dims, correction=0) for c in x.split(sizes)]
+            reps = torch.tensor(sizes, device=x.device)
+            mean = torch.stack([m for _, m in stats]).repeat_interleave(reps, dim=0)          # [B, C]
+            rstd = torch.rsqrt(torch.stack([v for v, _ in stats]) + module.eps).repeat_interleave(reps, dim=0)
+        replace = None
+        if mode == "detached":  # statistics constant in the backward
+            shape = [B, C] + [1] * (x.dim() - 2)
+            y = (x - mean.to(x.dtype).view(shape)) * rstd.to(x.dtype).view(shape)
             if module.weight is not None:
-                res["weight"] = out[:, 0]
-            if module.bias is not None:
-                res["bias"] = out[:, 1]
-            return res
+                pshape = [1, C] + [1] * (x.dim() - 2)
+                y = y * module.weight.view(pshape) + module.bias.view(pshape)
+            replace = y
+        return {"x": x, "mean": mean, "rstd": rstd, "bn": False}, replace
 
-    _REGISTERED.append(GhostBatchNormRule)
+    def sq_norms(self, module, state, grad_out, backend):
+        if state["bn"]:
+            return self._bn_rule().sq_norms(module, state, grad_out, backend)
+        x = state["x"]
+        B, C = x.shape[:2]
+        out = norm_affine_grad_sq(x.reshape(B, C, -1), grad_out.reshape(B, C, -1), state["mean"].view(B, C, 1),
+                                  state["rstd"].view(B, C, 1), backend=backend)
+        res = {}
+        if module.weight is not None:
+            res["weight"] = out[:, 0]
+        if module.bias is not None:
+            res["bias"] = out[:, 1]
+        return res
