@@ -1,5 +1,12 @@
 """The one dispatch point: which implementation of an op runs.
 
+The registry `REGISTRY = {op: {backend: implementation}}` is filled by each op's wrapper module
+(`bnmem_kernels/ops/<op>.py` calls `register(op, {...})` when imported) and read by the wrappers
+(`dispatch`), by `python -m bnmem_kernels.info` and by the tests' backend grid
+(`bnmem_kernels.testing`). All implementations of one op take the same arguments: anything that
+changes how the op computes (such as the ghost-norm route) is decided once, in the wrapper, and
+passed to whichever implementation runs.
+
 Backends:
   cuda       compiled CUDA kernels in `bnmem_kernels._C` (CUDA tensors; built with a CUDA torch + nvcc)
   triton     Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1, for tests)
@@ -30,6 +37,43 @@ _BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` from the r
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for that cannot run here; the message says why and what to do."""
+
+
+# op -> {backend: implementation}; an implementation of None means the op's wrapper runs that
+# backend itself (it dispatches by the name select_backend returns).
+REGISTRY: dict[str, dict[str, object]] = {}
+
+def register(op: str, implementations: dict) -> None:
+    """Declare `op`'s backends: {backend: callable} (all callables with one signature). Called once by
+    the op's wrapper module at import; registering the op again replaces its entry."""
+    unknown = set(implementations) - set(BACKENDS)
+    if unknown or not implementations:
+        raise ValueError(f"register({op!r}): backends must be a non-empty subset of {BACKENDS}, "
+                         f"got {tuple(implementations)}")
+    REGISTRY[op] = {b: implementations[b] for b in BACKENDS if b in implementations}
+
+
+def backends_of(op: str) -> tuple[str, ...]:
+    """The backends `op` has, in the order of BACKENDS."""
+    if op not in REGISTRY:
+        raise ValueError(f"no op {op!r} is registered; registered ops: {', '.join(registered_ops())}")
+    return tuple(REGISTRY[op])
+
+
+def registered_ops() -> list[str]:
+    """Every op of the library, by name. Importing the package imports every op's wrapper module
+    (each public op is exported from bnmem_kernels/__init__.py), which registers it."""
+    importlib.import_module("bnmem_kernels")
+    return sorted(REGISTRY)
+
+
+def dispatch(op: str, device, backend: str | None = None):
+    """The implementation of `op` that runs on `device` (choice as in select_backend)."""
+    chosen = select_backend(op, device, backend)
+    impl = REGISTRY[op][chosen]
+    if impl is None:
+        raise RuntimeError(f"{op}: its wrapper runs backend {chosen!r} itself; call the wrapper")
+    return impl
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,12 +154,15 @@ def available_backends(device) -> list[str]:
     return [b for b in BACKENDS if not unavailable_reason(b, device)]
 
 
-def select_backend(op: str, device, backend: str | None = None, implemented=BACKENDS) -> str:
+def select_backend(op: str, device, backend: str | None = None, implemented=None) -> str:
     """The backend that runs `op` on `device`.
 
-    `implemented` lists the backends this op has. An explicit request (argument or BNMEM_BACKEND)
-    that is not implemented or not available raises BackendUnavailableError.
+    `implemented` lists the backends this op has; None reads them from the registry (all four for
+    an op that is not registered). An explicit request (argument or BNMEM_BACKEND) that is not
+    implemented or not available raises BackendUnavailableError.
     """
+    if implemented is None:
+        implemented = tuple(REGISTRY[op]) if op in REGISTRY else BACKENDS
     device = torch.device(device)
     requested = backend if backend is not None else os.environ.get(ENV_VAR) or "auto"
     source = "backend=" if backend is not None else f"{ENV_VAR}="

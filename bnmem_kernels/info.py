@@ -9,20 +9,6 @@ import torch
 
 from . import _backend
 
-# op name -> backends it implements; one row per public op.
-OPS = {
-    "ghost_norm_linear": _backend.BACKENDS,
-    "bn_seeded_backward": _backend.BACKENDS,
-    "norm_affine_grad_sq": _backend.BACKENDS,
-    "conv_weight_grad_sq": _backend.BACKENDS,
-    "pooled_conv_weight_grad": _backend.BACKENDS,
-    "logit_confidence": _backend.BACKENDS,
-    "lira_scores": _backend.BACKENDS,
-    "rmia_scores": ("reference",),
-    "roc_curve": ("reference",),
-}
-
-
 def _cuda_sources():
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cuda")
     return sorted(f for f in os.listdir(root) if f.endswith(".cu")) if os.path.isdir(root) else []
@@ -66,11 +52,11 @@ def collect() -> dict:
                      for d in devices},
         "ops": {},
     }
-    for op, impls in OPS.items():
+    for op in _backend.registered_ops():      # the dispatch registry: one row per op
         info["ops"][op] = {}
         for d in devices:
             try:
-                info["ops"][op][d] = _backend.select_backend(op, d, None, impls)
+                info["ops"][op][d] = _backend.select_backend(op, d)
             except Exception as exc:  # a bad BNMEM_BACKEND shows here rather than crashing info
                 info["ops"][op][d] = f"error: {exc}"
     return info

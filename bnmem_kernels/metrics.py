@@ -54,6 +54,9 @@ def roc_curve(scores: torch.Tensor, is_member: torch.Tensor, *, backend: str | N
     return fps / fps[-1], tps / tps[-1]
 
 
+_backend.register("roc_curve", {"reference": roc_curve})
+
+
 def roc_auc(scores: torch.Tensor, is_member: torch.Tensor, *, backend: str | None = None) -> float:
     """Area under the ROC curve (ties count 1/2), equal to sklearn.metrics.roc_auc_score."""
     fpr, tpr = roc_curve(scores, is_member, backend=backend)

@@ -27,10 +27,20 @@ def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def _implemented(op_or_backends) -> tuple:
+    """An op's name -> its backends from the dispatch registry; a tuple of backends -> itself."""
+    if isinstance(op_or_backends, str):
+        _backend.registered_ops()
+        return _backend.backends_of(op_or_backends)
+    return tuple(op_or_backends)
+
+
 def backend_params(device: str = "cpu", implemented=_backend.BACKENDS):
-    """pytest params for every backend of an op on `device`; unavailable ones skip with the reason."""
+    """pytest params for every backend of an op on `device`; unavailable ones skip with the reason.
+    `implemented`: the op's name (its backends are read from the dispatch registry) or a tuple."""
     import pytest
 
+    implemented = _implemented(implemented)
     params = []
     for b in implemented:
         why = _backend.unavailable_reason(b, device)
@@ -39,9 +49,11 @@ def backend_params(device: str = "cpu", implemented=_backend.BACKENDS):
 
 
 def device_backend_params(implemented=_backend.BACKENDS):
-    """(device, backend) params over CPU and CUDA; CUDA ones skip cleanly without a GPU."""
+    """(device, backend) params over CPU and CUDA; CUDA ones skip cleanly without a GPU.
+    `implemented`: the op's name (its backends are read from the dispatch registry) or a tuple."""
     import pytest
 
+    implemented = _implemented(implemented)
     params = []
     for device in ("cpu", "cuda"):
         for b in implemented:

@@ -15,12 +15,9 @@
 
 TORCH_LIBRARY(bnmem, m) {
   // ghost_norm_linear: out[i] = ||G_i^T A_i||_F^2 for a [B, T, d_in], g [B, T, d_out].
-  // route: 0 = auto (Gram when 2 T^2 < d_in d_out), 1 = Gram, 2 = materialize.
-  m.def("ghost_norm_linear(Tensor a, Tensor g, int route=0) -> Tensor");
+  // route: 1 = Gram, 2 = materialize (the Python wrapper picks it: Gram when 2 T^2 < d_in d_out).
+  m.def("ghost_norm_linear(Tensor a, Tensor g, int route) -> Tensor");
   // --- schemas of later ops go below, one block per op, with a one-line definition ---
-  // bn_seeded_backward: BN input gradient of single-sample losses (docs/math.md, "BN's coupling, exactly").
-  // xhat [B, C, T], scale [C] = gamma/sigma, dy [S, C, T] on sample seeds[s] -> (dz [S, B, C, T], a [S, C], b [S, C]).
-  m.def("bn_seeded_backward(Tensor xhat, Tensor scale, Tensor dy, Tensor seeds) -> (Tensor, Tensor, Tensor)");
   // logit_confidence: logits [R, K], labels [R] int64 -> c [R] = z_y - logsumexp_{k != y} z_k (docs/math.md).
   m.def("logit_confidence(Tensor logits, Tensor labels) -> Tensor");
   // lira_scores: conf [M, N, A], keep [M, N] bool, global_std [2, M, A] or None -> score [M, N],

@@ -97,3 +97,41 @@ def test_op_missing_from_a_stale_extension_says_rebuild():
         pytest.skip("extension not built")
     with pytest.raises(_backend.BackendUnavailableError, match="no op bnmem::not_an_op.*rebuild"):
         _backend.compiled_op("not_an_op", lambda *a: None)
+
+
+# ---------------------------------------------------------------- the dispatch registry
+OPS = {"ghost_norm_linear", "conv_weight_grad_sq", "norm_affine_grad_sq", "pooled_conv_weight_grad",
+       "logit_confidence", "lira_scores", "rmia_scores", "roc_curve"}
+
+
+def test_registry_lists_every_op_and_info_reads_it():
+    from bnmem_kernels import info
+
+    assert set(_backend.registered_ops()) == OPS
+    assert set(info.collect()["ops"]) == OPS
+    for op in OPS - {"rmia_scores", "roc_curve"}:
+        assert _backend.backends_of(op) == _backend.BACKENDS, op
+    assert _backend.backends_of("rmia_scores") == ("reference",)
+    assert not hasattr(info, "OPS")        # no second, hand-kept table
+
+
+def test_registry_drives_selection_and_dispatch(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    _backend.registered_ops()
+    monkeypatch.setitem(_backend.REGISTRY, "toy", {"reference": lambda x: x + 1})
+    assert _backend.select_backend("toy", "cpu") == "reference"     # its only backend, also when cpu is built
+    assert _backend.dispatch("toy", "cpu")(1) == 2
+    with pytest.raises(bk.BackendUnavailableError, match="no 'cpu' implementation"):
+        _backend.select_backend("toy", "cpu", backend="cpu")
+    with pytest.raises(ValueError, match="no op 'nope' is registered"):
+        _backend.backends_of("nope")
+    with pytest.raises(ValueError, match="non-empty subset"):
+        _backend.register("bad", {"gpu": print})
+
+
+def test_backend_grid_reads_the_registry(monkeypatch):
+    from bnmem_kernels import testing
+
+    ids = [p.id for p in testing.device_backend_params("ghost_norm_linear")]
+    assert ids == ["cpu-triton", "cpu-cpu", "cpu-reference", "cuda-cuda", "cuda-triton", "cuda-reference"]
+    assert [p.id for p in testing.backend_params("cpu", "rmia_scores")] == ["reference"]

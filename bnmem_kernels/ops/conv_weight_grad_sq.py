@@ -31,6 +31,14 @@ def conv_weight_grad_sq_triton(x: torch.Tensor, grad_out: torch.Tensor, kernel_s
 conv_weight_grad_sq_triton.register_fake(_fake)
 
 
+def _compiled(x, grad_out, kernel_size, stride, dilation, groups):
+    return compiled_op()(x, grad_out, kernel_size, stride, dilation, groups)
+
+
+_backend.register(OP, {"cuda": _compiled, "triton": conv_weight_grad_sq_triton, "cpu": _compiled,
+                       "reference": _reference})
+
+
 def _pair(name, v):
     if isinstance(v, bool) or not isinstance(v, (int, tuple, list)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {type(v).__name__}")
@@ -82,9 +90,4 @@ def conv_weight_grad_sq(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, st
     `backend`: None (BNMEM_BACKEND or auto), "cuda", "triton", "cpu" or "reference".
     """
     ks, st, dil = _check(x, grad_out, kernel_size, stride, dilation, groups)
-    chosen = _backend.select_backend(OP, x.device, backend)
-    if chosen == "reference":
-        return _reference(x, grad_out, ks, st, dil, groups)
-    if chosen == "triton":
-        return conv_weight_grad_sq_triton(x, grad_out, ks, st, dil, groups)
-    return compiled_op()(x, grad_out, ks, st, dil, groups)
+    return _backend.dispatch(OP, x.device, backend)(x, grad_out, ks, st, dil, groups)

@@ -8,10 +8,11 @@ from .._validate import require_same, require_tensor
 from ..reference import ghost_norm as ref
 
 OP = "ghost_norm_linear"
-_ROUTES = {"auto": 0, "gram": 1, "materialize": 2}
+_ROUTES = ("auto", "gram", "materialize")
+GRAM, MATERIALIZE = 1, 2   # the route codes every backend takes (the C++ schema's `int route`)
 
 
-def _fake(a, g, route=0):
+def _fake(a, g, route):
     return a.new_empty(a.shape[0], dtype=ref.accumulation_dtype(a.dtype))
 
 
@@ -21,15 +22,36 @@ def compiled_op():
 
 
 @torch.library.custom_op("bnmem::ghost_norm_linear_triton", mutates_args=())
-def ghost_norm_linear_triton(a: torch.Tensor, g: torch.Tensor, route: int = 0) -> torch.Tensor:
+def ghost_norm_linear_triton(a: torch.Tensor, g: torch.Tensor, route: int) -> torch.Tensor:
     from ..triton.ghost_norm_linear import ghost_norm_linear_triton as kernel
 
-    B, T, din = a.shape
-    gram = ref.use_gram(T, din, g.shape[2]) if route == 0 else route == 1
-    return kernel(a, g, gram)
+    if route not in (GRAM, MATERIALIZE):
+        raise ValueError(f"ghost_norm_linear_triton: route must be {GRAM} (gram) or {MATERIALIZE} (materialize), "
+                         f"got {route}; bnmem_kernels.ghost_norm_linear(route='auto') picks one")
+    return kernel(a, g, route == GRAM)
 
 
 ghost_norm_linear_triton.register_fake(_fake)
+
+
+def _compiled(a, g, route):
+    return compiled_op()(a, g, route)
+
+
+def _reference(a, g, route):
+    return ref.ghost_norm_linear(a, g, "gram" if route == GRAM else "materialize")
+
+
+_backend.register(OP, {"cuda": _compiled, "triton": ghost_norm_linear_triton, "cpu": _compiled,
+                       "reference": _reference})
+
+
+def route_code(route: str, T: int, d_in: int, d_out: int) -> int:
+    """The route every backend takes: "auto" -> Gram when 2 T^2 < d_in d_out (ref.use_gram), else
+    materialize; the one place the choice is made."""
+    if route == "auto":
+        return GRAM if ref.use_gram(T, d_in, d_out) else MATERIALIZE
+    return GRAM if route == "gram" else MATERIALIZE
 
 
 def _check(a, g, route):
@@ -60,9 +82,5 @@ def ghost_norm_linear(a: torch.Tensor, g: torch.Tensor, *, route: str = "auto",
     `backend`: None (BNMEM_BACKEND or auto), "cuda", "triton", "cpu" or "reference".
     """
     a, g = _check(a, g, route)
-    chosen = _backend.select_backend(OP, a.device, backend)
-    if chosen == "reference":
-        return ref.ghost_norm_linear(a, g, route)
-    if chosen == "triton":
-        return ghost_norm_linear_triton(a, g, _ROUTES[route])
-    return compiled_op()(a, g, _ROUTES[route])
+    impl = _backend.dispatch(OP, a.device, backend)
+    return impl(a, g, route_code(route, a.shape[1], a.shape[2], g.shape[2]))

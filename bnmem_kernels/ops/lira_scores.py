@@ -12,6 +12,8 @@ from ..reference import lira as ref
 OP = "lira_scores"
 IMPLEMENTED = ("cuda", "triton", "cpu", "reference")
 RMIA_IMPLEMENTED = ("reference",)
+_backend.register(OP, dict.fromkeys(IMPLEMENTED))            # the wrapper runs each backend itself
+_backend.register("rmia_scores", dict.fromkeys(RMIA_IMPLEMENTED))
 _VARIANCES = ("per_example", "global")
 _CENTERS = ("mean", "median")
 _OFFLINE_STATS = ("one_sided", "logpdf")

@@ -7,7 +7,6 @@ from .. import _backend
 from .._validate import require_tensor
 
 OP = "logit_confidence"
-IMPLEMENTED = ("cuda", "triton", "cpu", "reference")
 
 
 def out_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -43,6 +42,14 @@ def reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return zy - torch.logsumexp(others, dim=1)
 
 
+def _compiled(logits, labels):
+    return compiled_op()(logits, labels)
+
+
+_backend.register(OP, {"cuda": _compiled, "triton": logit_confidence_triton, "cpu": _compiled,
+                       "reference": reference})
+
+
 def logit_confidence(logits, labels, *, backend=None):
     require_tensor("logits", logits)
     if not isinstance(labels, torch.Tensor):
@@ -62,11 +69,4 @@ def logit_confidence(logits, labels, *, backend=None):
     y = labels.reshape(-1).long()
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= K):
         raise ValueError(f"labels must lie in [0, {K}), got range [{int(y.min())}, {int(y.max())}]")
-    chosen = _backend.select_backend(OP, logits.device, backend, IMPLEMENTED)
-    if chosen == "reference":
-        c = reference(z, y)
-    elif chosen == "triton":
-        c = logit_confidence_triton(z, y)
-    else:
-        c = compiled_op()(z, y)
-    return c.reshape(lead)
+    return _backend.dispatch(OP, logits.device, backend)(z, y).reshape(lead)

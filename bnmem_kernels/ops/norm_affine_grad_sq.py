@@ -31,6 +31,14 @@ def norm_affine_grad_sq_triton(x: torch.Tensor, dy: torch.Tensor, mean: torch.Te
 norm_affine_grad_sq_triton.register_fake(_fake)
 
 
+def _compiled(x, dy, mean, rstd):
+    return compiled_op()(x, dy, mean, rstd)
+
+
+_backend.register(OP, {"cuda": _compiled, "triton": norm_affine_grad_sq_triton, "cpu": _compiled,
+                       "reference": ref.norm_affine_grad_sq})
+
+
 def _check(x, dy, mean, rstd):
     for n, t in (("x", x), ("dy", dy), ("mean", mean), ("rstd", rstd)):
         require_tensor(n, t)
@@ -61,9 +69,4 @@ def norm_affine_grad_sq(x: torch.Tensor, dy: torch.Tensor, mean: torch.Tensor, r
     return fp32. `backend`: None (BNMEM_BACKEND or auto), "cuda", "triton", "cpu" or "reference".
     """
     mean, rstd = _check(x, dy, mean, rstd)
-    chosen = _backend.select_backend(OP, x.device, backend)
-    if chosen == "reference":
-        return ref.norm_affine_grad_sq(x, dy, mean, rstd)
-    if chosen == "triton":
-        return norm_affine_grad_sq_triton(x, dy, mean, rstd)
-    return compiled_op()(x, dy, mean, rstd)
+    return _backend.dispatch(OP, x.device, backend)(x, dy, mean, rstd)

@@ -30,6 +30,8 @@ def pooled_conv_weight_grad_triton(x_pad: torch.Tensor, vals: torch.Tensor, idx:
 
 
 pooled_conv_weight_grad_triton.register_fake(_fake)
+_backend.register(OP, {"cuda": lambda *args: compiled_op()(*args), "triton": pooled_conv_weight_grad_triton,
+                       "cpu": lambda *args: compiled_op()(*args), "reference": _reference})
 
 
 def _check(x_pad, vals, idx, out_size, kernel_size, stride, dilation, groups):

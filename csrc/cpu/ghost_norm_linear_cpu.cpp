@@ -54,7 +54,7 @@ void rank_one(const at::Tensor& a, const at::Tensor& g, at::Tensor& out) {
 at::Tensor ghost_norm_linear_cpu(const at::Tensor& a_in, const at::Tensor& g_in, int64_t route) {
   check_ghost_linear_inputs(a_in, g_in);
   const int64_t B = a_in.size(0), T = a_in.size(1), din = a_in.size(2), dout = g_in.size(2);
-  const bool gram = ghost_use_gram(route, T, din, dout);
+  const bool gram = ghost_use_gram(route);
   const auto out_dtype = norm_out_dtype(a_in.scalar_type());
   at::Tensor out = at::empty({B}, a_in.options().dtype(out_dtype));
   if (B == 0) return out;

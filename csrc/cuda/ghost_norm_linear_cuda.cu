@@ -47,7 +47,7 @@ at::Tensor ghost_norm_linear_cuda(const at::Tensor& a_in, const at::Tensor& g_in
   const at::Tensor a = a_in.contiguous();
   const at::Tensor g = g_in.contiguous();
   const int64_t B = a.size(0), T = a.size(1), din = a.size(2), dout = g.size(2);
-  const bool gram = ghost_use_gram(route, T, din, dout);
+  const bool gram = ghost_use_gram(route);
   at::Tensor out = at::empty({B}, a.options().dtype(norm_out_dtype(a.scalar_type())));
   if (B == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "ghost_norm_linear_cuda", [&] {

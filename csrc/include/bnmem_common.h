@@ -24,13 +24,15 @@ inline bool cpu_use_avx2() {
 }
 #endif
 
-// Ghost-norm route (docs/math.md): the Gram route costs O(T^2 (d_in + d_out)) and needs two T x T
-// Grams; materializing G_i^T A_i costs O(T d_in d_out). Gram when 2 T^2 < d_in * d_out.
-enum GhostRoute : int64_t { kRouteAuto = 0, kRouteGram = 1, kRouteMaterialize = 2 };
+// Ghost-norm route (docs/math.md, "Ghost norms"): 1 = Gram <G_i G_i^T, A_i A_i^T>, 2 = materialize
+// G_i^T A_i. The choice is made once, by the Python wrapper (bnmem_kernels.ops.ghost_norm_linear),
+// and passed down: the kernels never decide it themselves.
+enum GhostRoute : int64_t { kRouteGram = 1, kRouteMaterialize = 2 };
 
-inline bool ghost_use_gram(int64_t route, int64_t T, int64_t d_in, int64_t d_out) {
-  TORCH_CHECK(route >= 0 && route <= 2, "bnmem: route must be 0 (auto), 1 (gram) or 2 (materialize), got ", route);
-  if (route == kRouteAuto) return 2 * T * T < d_in * d_out;
+inline bool ghost_use_gram(int64_t route) {
+  TORCH_CHECK(route == kRouteGram || route == kRouteMaterialize,
+              "bnmem::ghost_norm_linear: route must be 1 (gram) or 2 (materialize), got ", route,
+              "; bnmem_kernels.ghost_norm_linear(route='auto') picks one");
   return route == kRouteGram;
 }
 
@@ -49,28 +51,6 @@ inline void check_ghost_linear_inputs(const at::Tensor& a, const at::Tensor& g) 
   TORCH_CHECK(at::isFloatingType(a.scalar_type()), "bnmem::ghost_norm_linear: floating inputs needed, got ",
               a.scalar_type());
   TORCH_CHECK(a.device() == g.device(), "bnmem::ghost_norm_linear: a and g on different devices");
-}
-
-// bn_seeded_backward: xhat [B, C, T], scale [C], dy [S, C, T], seeds [S] integer; floating tensors of
-// one dtype on one device. `int32_seeds`: whether int32 seeds are accepted (CPU) besides int64.
-inline void check_bn_seeded_inputs(const at::Tensor& xhat, const at::Tensor& scale, const at::Tensor& dy,
-                                   const at::Tensor& seeds, bool int32_seeds) {
-  TORCH_CHECK(xhat.dim() == 3 && scale.dim() == 1 && dy.dim() == 3 && seeds.dim() == 1,
-              "bnmem::bn_seeded_backward: xhat [B, C, T], scale [C], dy [S, C, T], seeds [S] needed, got ",
-              xhat.sizes(), ", ", scale.sizes(), ", ", dy.sizes(), ", ", seeds.sizes());
-  TORCH_CHECK(scale.size(0) == xhat.size(1) && dy.size(1) == xhat.size(1) && dy.size(2) == xhat.size(2) &&
-                  seeds.size(0) == dy.size(0),
-              "bnmem::bn_seeded_backward: inconsistent shapes xhat ", xhat.sizes(), ", scale ", scale.sizes(),
-              ", dy ", dy.sizes(), ", seeds ", seeds.sizes());
-  TORCH_CHECK(at::isFloatingType(xhat.scalar_type()) && scale.scalar_type() == xhat.scalar_type() &&
-                  dy.scalar_type() == xhat.scalar_type(),
-              "bnmem::bn_seeded_backward: xhat, scale, dy must share one floating dtype, got ", xhat.scalar_type(),
-              ", ", scale.scalar_type(), ", ", dy.scalar_type());
-  TORCH_CHECK(seeds.scalar_type() == at::kLong || (int32_seeds && seeds.scalar_type() == at::kInt),
-              "bnmem::bn_seeded_backward: seeds must be ", int32_seeds ? "int64/int32" : "int64 on CUDA", ", got ",
-              seeds.scalar_type());
-  TORCH_CHECK(scale.device() == xhat.device() && dy.device() == xhat.device() && seeds.device() == xhat.device(),
-              "bnmem::bn_seeded_backward: all inputs must be on one device");
 }
 
 // lira_scores (and lira_global_std, op names it): conf [M, N, A] fp32/fp64, keep [M, N] bool on conf's

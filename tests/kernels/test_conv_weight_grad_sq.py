@@ -53,7 +53,7 @@ def call(x, g, case, backend):
     return bk.conv_weight_grad_sq(x, g, ks, st, dil, gr, backend=backend)
 
 
-@pytest.mark.parametrize("device,backend", testing.device_backend_params())
+@pytest.mark.parametrize("device,backend", testing.device_backend_params("conv_weight_grad_sq"))
 @pytest.mark.parametrize("name", list(CASES))
 def test_fp64_matches_autograd(device, backend, name):
     case = CASES[name]
@@ -63,7 +63,7 @@ def test_fp64_matches_autograd(device, backend, name):
     assert testing.max_rel_err(out, autograd_truth(x, g, case)) <= testing.RTOL[torch.float64]
 
 
-@pytest.mark.parametrize("device,backend", testing.device_backend_params())
+@pytest.mark.parametrize("device,backend", testing.device_backend_params("conv_weight_grad_sq"))
 @pytest.mark.parametrize("name", ["odd", "stride2", "groups2", "mixed", "conv1d"])
 def test_fp32_matches_fp64_autograd(device, backend, name):
     case = CASES[name]
@@ -73,7 +73,7 @@ def test_fp32_matches_fp64_autograd(device, backend, name):
     assert testing.max_rel_err(out, autograd_truth(x, g, case)) <= testing.RTOL[torch.float32]
 
 
-@pytest.mark.parametrize("device,backend", testing.device_backend_params())
+@pytest.mark.parametrize("device,backend", testing.device_backend_params("conv_weight_grad_sq"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", ["odd", "mixed"])
 def test_half_inputs_accumulate_in_fp32(device, backend, dtype, name):
@@ -100,7 +100,7 @@ def test_bf16_layer_end_to_end_within_stated_tolerance():
     assert testing.max_rel_err(out, autograd_truth(x, g64, case)) <= testing.RTOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("device,backend", testing.device_backend_params())
+@pytest.mark.parametrize("device,backend", testing.device_backend_params("conv_weight_grad_sq"))
 @pytest.mark.parametrize("name", ["stride2", "mixed"])
 def test_non_contiguous_inputs(device, backend, name):
     case = CASES[name]
@@ -163,14 +163,14 @@ def test_reference_is_autograd():
         assert testing.max_rel_err(call(x, g, CASES[name], "reference"), autograd_truth(x, g, CASES[name])) < 1e-12
 
 
-@pytest.mark.parametrize("device,backend", testing.device_backend_params())
+@pytest.mark.parametrize("device,backend", testing.device_backend_params("conv_weight_grad_sq"))
 def test_empty_batch_gives_empty_result(device, backend):
     out = bk.conv_weight_grad_sq(torch.randn(0, 3, 6, 6, device=device), torch.randn(0, 4, 4, 4, device=device), 3,
                                  backend=backend)
     assert out.shape == (0,)
 
 
-@pytest.mark.parametrize("device,backend", testing.device_backend_params())
+@pytest.mark.parametrize("device,backend", testing.device_backend_params("conv_weight_grad_sq"))
 def test_no_output_channels_gives_zeros(device, backend):
     out = bk.conv_weight_grad_sq(torch.randn(2, 3, 6, 6, device=device), torch.randn(2, 0, 4, 4, device=device), 3,
                                  backend=backend)

@@ -27,7 +27,7 @@ def autograd_loop(a: torch.Tensor, d_out: int, seed: int = 0):
     return g, norms
 
 
-@pytest.mark.parametrize("device,backend", testing.device_backend_params())
+@pytest.mark.parametrize("device,backend", testing.device_backend_params("ghost_norm_linear"))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("route", ROUTES)
 def test_fp64_matches_autograd_loop(device, backend, shape, route):
@@ -39,7 +39,7 @@ def test_fp64_matches_autograd_loop(device, backend, shape, route):
     assert testing.max_rel_err(out, expected) <= testing.RTOL[torch.float64]
 
 
-@pytest.mark.parametrize("device,backend", testing.device_backend_params())
+@pytest.mark.parametrize("device,backend", testing.device_backend_params("ghost_norm_linear"))
 @pytest.mark.parametrize("shape", SHAPES[1:6], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("route", ROUTES)
 def test_fp32_matches_fp64_autograd(device, backend, shape, route):
@@ -54,7 +54,7 @@ def test_fp32_matches_fp64_autograd(device, backend, shape, route):
     assert testing.max_rel_err(out, expected) <= testing.RTOL[torch.float32]
 
 
-@pytest.mark.parametrize("device,backend", testing.device_backend_params())
+@pytest.mark.parametrize("device,backend", testing.device_backend_params("ghost_norm_linear"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("route", ROUTES)
 def test_half_inputs_accumulate_in_fp32(device, backend, dtype, route):
@@ -80,7 +80,7 @@ def test_bf16_model_end_to_end_within_stated_tolerance():
     assert testing.max_rel_err(out, expected) <= testing.RTOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("device,backend", testing.device_backend_params())
+@pytest.mark.parametrize("device,backend", testing.device_backend_params("ghost_norm_linear"))
 @pytest.mark.parametrize("route", ROUTES)
 def test_non_contiguous_inputs(device, backend, route):
     B, T, din, dout = 3, 6, 7, 5
@@ -106,7 +106,7 @@ def test_two_dim_inputs_are_T_equals_one():
     assert testing.max_rel_err(bk.ghost_norm_linear(a, g), expected) < 1e-12
 
 
-@pytest.mark.parametrize("device,backend", testing.device_backend_params())
+@pytest.mark.parametrize("device,backend", testing.device_backend_params("ghost_norm_linear"))
 def test_empty_batch_gives_empty_result(device, backend):
     out = bk.ghost_norm_linear(torch.randn(0, 3, 4, device=device), torch.randn(0, 3, 2, device=device), backend=backend)
     assert out.shape == (0,)
@@ -116,14 +116,32 @@ def test_empty_batch_gives_empty_result(device, backend):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_opcheck_compiled(dtype):
     a, g = torch.randn(3, 4, 5, dtype=dtype), torch.randn(3, 4, 2, dtype=dtype)
-    for route in (0, 1, 2):
+    for route in (1, 2):       # 1 = Gram, 2 = materialize; "auto" is decided by the wrapper
         torch.library.opcheck(compiled_op(), (a, g, route))
+    with pytest.raises(RuntimeError, match="route must be 1 \\(gram\\) or 2"):
+        compiled_op()(a, g, 0)
 
 
 @pytest.mark.skipif(bool(testing._backend.unavailable_reason("triton", "cpu")), reason="triton unavailable")
 def test_opcheck_triton():
     a, g = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
-    torch.library.opcheck(ghost_norm_linear_triton, (a, g, 0))
+    for route in (1, 2):
+        torch.library.opcheck(ghost_norm_linear_triton, (a, g, route))
+    with pytest.raises(ValueError, match="route must be 1 \\(gram\\) or 2"):
+        ghost_norm_linear_triton(a, g, 0)
+
+
+def test_auto_route_decided_once_in_the_wrapper(monkeypatch):
+    """route="auto" is resolved by the wrapper (2 T^2 < d_in d_out -> Gram) and passed to the backend."""
+    from bnmem_kernels import _backend
+    from bnmem_kernels.ops import ghost_norm_linear as op
+
+    seen = []
+    monkeypatch.setitem(_backend.REGISTRY[op.OP], "reference", lambda a, g, route: seen.append(route) or a[:, 0, 0])
+    bk.ghost_norm_linear(torch.randn(2, 3, 5), torch.randn(2, 3, 4), backend="reference")    # 18 < 20: Gram
+    bk.ghost_norm_linear(torch.randn(2, 4, 5), torch.randn(2, 4, 4), backend="reference")    # 32 >= 20
+    bk.ghost_norm_linear(torch.randn(2, 4, 5), torch.randn(2, 4, 4), route="gram", backend="reference")
+    assert seen == [op.GRAM, op.MATERIALIZE, op.GRAM]
 
 
 @pytest.mark.parametrize("a_shape,g_shape,match", [
