@@ -76,6 +76,8 @@ class GradNormProbe:
                                      "(running statistics); call model.train() or use mode='eval'")
 
     def _pre_forward(self, module, args):
+        if not torch.is_grad_enabled():
+            return   # a no-grad forward (e.g. evaluation) has no backward: keep the latest step's norms
         self._check_mode()
         self._captures.clear()
         self._result = None
