@@ -77,9 +77,10 @@ def check_call(model, loss_fn, inputs, targets, mode, max_chunk, per_layer=False
     return args, B
 
 
-def check_parameters(model) -> None:
+def check_parameters(model, *, finite: bool = True) -> None:
     """The model's parameters hold finite values on a real device: a meta-device parameter has no
-    values at all, and a NaN/Inf weight makes every norm NaN. Raises ValueError naming the parameter."""
+    values at all, and a NaN/Inf weight makes every norm NaN. Raises ValueError naming the parameter.
+    finite=False: only the meta-device check (GradNormProbe, built once before a training loop)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad or p.is_floating_point()]
     meta = [n for n, p in params if p.is_meta]
     if meta:
@@ -87,7 +88,7 @@ def check_parameters(model) -> None:
                          + " is on the meta device: it has a shape but no values; materialize the model first "
                          "(e.g. model.to_empty(device='cpu') and load its weights)")
     floats = [p for _, p in params if p.is_floating_point()]
-    if not floats:
+    if not floats or not finite:
         return
     with torch.no_grad():
         if bool(torch.isfinite(torch.stack([p.detach().sum().to(torch.float64) for p in floats]).sum())):

@@ -44,6 +44,51 @@ def die_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="bnmem-parent-watchdog", daemon=True).start()
 
 
+_REAPER = r"""
+import os, signal, sys, time
+driver = int(sys.argv[1])
+def table():
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[int(d)] = (int(fields[1]), fields[19])   # parent pid, start time
+    return out
+known = {}
+while os.getppid() == driver:
+    t = table()
+    kids, frontier = set(), {driver}
+    while frontier:
+        frontier = {p for p, (pp, _) in t.items() if pp in frontier and p not in kids and p != os.getpid()}
+        kids |= frontier
+    known.update({p: t[p][1] for p in kids})
+    time.sleep(0.5)
+t = table()
+for p, start in known.items():
+    if p in t and t[p][1] == start:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+"""
+
+
+def start_reaper():
+    """Linux: a small process that, when this one dies (also by SIGKILL), kills every process that
+    descended from it (remembered every 0.5 s, matched by start time) — for process trees whose
+    members do not all die with their parent (a local Ray instance's agents). Returns its Popen, or
+    None where /proc is not there. Stop it with .kill() when the tree is shut down normally."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    import subprocess
+    return subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid())], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _init_worker(parent_pid: int | None = None):
     if parent_pid is not None:
         die_with_parent(parent_pid)

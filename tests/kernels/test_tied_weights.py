@@ -109,8 +109,15 @@ def test_meta_device_model_says_so(mode):
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4))
     x, y = _data(dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"meta device"):
+    with pytest.raises(ValueError, match=r"parameter '0\.weight' \(and 5 more\) is on the meta device"):
         bk.per_sample_grad_norms(model, ce, x, y, mode=mode)
+
+
+def test_meta_device_model_refused_by_grad_norm_probe():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 4))
+    with pytest.raises(ValueError, match=r"meta device"):
+        bk.GradNormProbe(model)
 
 
 # -- GradNormProbe and a later no-grad forward ----------------------------------------------------

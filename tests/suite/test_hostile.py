@@ -466,3 +466,72 @@ def test_a_model_that_always_diverges_stops_the_run_at_train_time(tmp_path, caps
                      r"loss at epoch 0, step 0, lr [\d.e-]+; attempt 1: .*lower --lr", err), err
     assert not (out / "scores.npz").exists() and not (out / "logits").exists()
     assert (out / "models" / "none" / "m000.pt").exists()   # the models finished before it are kept
+
+
+_REAPED = textwrap.dedent("""
+    import subprocess, sys, time
+    from bnmem.executor import start_reaper
+    reaper = start_reaper()
+    time.sleep(0.5)
+    child = subprocess.Popen(["sleep", "60"])   # a process that does not die with its parent
+    print(child.pid, reaper.pid, flush=True)
+    time.sleep(60)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_reaper_kills_what_would_outlive_a_killed_parent():
+    """The local Ray instance's guard (executor.start_reaper): descendants that do not die with their
+    parent are killed when it is killed."""
+    parent = subprocess.Popen([sys.executable, "-c", _REAPED], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        child, reaper = (int(p) for p in parent.stdout.readline().split())
+        time.sleep(0.7)   # the reaper has seen the child
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.time() + 5
+    while time.time() < deadline and (_alive(child) or _alive(reaper)):
+        time.sleep(0.05)
+    left = [p for p in (child, reaper) if _alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left
+
+
+_RAY = textwrap.dedent("""
+    import time
+    from bnmem.ray_executor import RayPool
+    pool = RayPool(init_kwargs=dict(num_cpus=2))
+    ex = pool.executor()
+    fut = ex.submit(time.sleep, 120)
+    time.sleep(8)
+    print("ready", flush=True)
+    time.sleep(120)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_local_ray_instance_dies_with_a_killed_driver():
+    pytest.importorskip("ray")
+    parent = subprocess.Popen([sys.executable, "-c", _RAY], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        tree, frontier = set(), {parent.pid}
+        while frontier:
+            frontier = {c for p in frontier for c in _children(p)} - tree
+            tree |= frontier
+        assert len(tree) >= 4, tree   # gcs, raylet, agents, workers, the reaper
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(p) for p in tree):
+        time.sleep(0.1)
+    left = [p for p in tree if _alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"Ray processes alive 10 s after kill -9 of the driver: {left}"
