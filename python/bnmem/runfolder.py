@@ -35,11 +35,15 @@ _UNRECORDED = (MANIFEST, LOCK)
 VOLATILE_NPZ_KEYS = ("seconds",)   # wall time in a trace: differs between two runs of the same unit
 
 
-def arrays_sha256(path) -> str:
+def arrays_sha256(path) -> str | None:
     """sha256 of a .npz's arrays (name, dtype, shape, bytes) without VOLATILE_NPZ_KEYS: equal for two
-    runs of the same deterministic unit, so a redone file can be compared with the one it replaces."""
+    runs of the same deterministic unit, so a redone file can be compared with the one it replaces.
+    None for a file without volatile keys (its file sha256 already compares: np.savez and torch.save
+    write the same bytes for the same arrays)."""
     h = hashlib.sha256()
     with np.load(path, allow_pickle=False) as z:
+        if not set(VOLATILE_NPZ_KEYS) & set(z.files):
+            return None
         for k in sorted(z.files):
             if k in VOLATILE_NPZ_KEYS:
                 continue
@@ -266,9 +270,11 @@ class RunFolder:
             entries[rel] = {"sha256": sha256_file(p), "bytes": os.path.getsize(p)}
             if rel.endswith(".npz"):
                 try:
-                    entries[rel]["arrays_sha256"] = arrays_sha256(p)
+                    a = arrays_sha256(p)
                 except (OSError, ValueError):
-                    pass
+                    a = None
+                if a is not None:
+                    entries[rel]["arrays_sha256"] = a
         man = self.manifest()
         man.setdefault("files", {}).update(entries)
         write_json(self.path(MANIFEST), man)

@@ -395,6 +395,62 @@ def test_damaged_files_are_reported_and_only_their_unit_redone(finished_run, tmp
     assert pipeline.RunFolder(out).verify() == {}
 
 
+def test_a_redone_model_that_differs_redoes_what_was_computed_from_it(finished_run, tmp_path, monkeypatch):
+    """The retrained checkpoint is not the recorded one (here: perturbed on purpose): the variant's
+    logits and the scores are redone from it; the other variant's logits are kept."""
+    import torch
+    from bnmem import pipeline, train
+    from bnmem.runfolder import load_state_dict, save_state_dict
+    out = _copy(finished_run, tmp_path / "run")
+    (out / "models" / "gn" / "m002.pt").unlink()
+    real = train.train_one
+
+    def perturbed(root, cfg_dict, variant, m):
+        r = real(root, cfg_dict, variant, m)
+        pt = train.model_paths(root, variant, m)[0]
+        sd = load_state_dict(pt)
+        save_state_dict(pt, {k: v + 1e-3 if torch.is_floating_point(v) else v for k, v in sd.items()})
+        return r
+
+    monkeypatch.setattr(train, "train_one", perturbed)
+    keep = {f: (out / f).stat().st_mtime_ns for f in ("logits/bn.npz", "logits/gn.npz", "scores.npz")}
+    logs = []
+    pipeline.run(build_config(overrides=MICRO), out, log=logs.append)
+    text = "\n".join(logs)
+    assert "integrity: models/gn/m002.pt is missing" in text
+    assert "retrained models/gn/m002.pt differs from the one recorded; redoing the gn probe and the scores" in text
+    assert (out / "logits/bn.npz").stat().st_mtime_ns == keep["logits/bn.npz"]
+    assert (out / "logits/gn.npz").stat().st_mtime_ns != keep["logits/gn.npz"]
+    assert (out / "scores.npz").stat().st_mtime_ns != keep["scores.npz"]
+    assert pipeline.RunFolder(out).verify() == {}
+
+
+def test_rebuilt_data_that_differs_stops_the_run(finished_run, tmp_path, monkeypatch, capsys):
+    from bnmem import data as data_mod
+    out = _copy(finished_run, tmp_path / "run")
+    (out / "data.npz").unlink()
+    real = data_mod.build
+
+    def other(cfg):   # the data source changed since the models were trained
+        arrays, meta = real(cfg)
+        arrays["x"] = arrays["x"] + 1e-3
+        return arrays, meta
+
+    monkeypatch.setattr(data_mod, "build", other)
+    rc = main(["run", "--out", str(out), "--no-progress", "--workers", "1", "--config", str(_micro_toml(tmp_path))])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "data.npz was rebuilt but differs from the one this run's models were trained on" in err
+
+
+def _micro_toml(tmp_path):
+    toml = tmp_path / "micro.toml"
+    lines = [f"{k} = {json.dumps(v)}" for k, v in MICRO.items() if k not in ("canaries", "workers", "progress")]
+    toml.write_text("\n".join(lines) + "\n[canaries]\n" + "\n".join(f"{k} = {v}" for k, v in MICRO["canaries"].items())
+                    + "\n")
+    return toml
+
+
 def test_report_refuses_changed_inputs(finished_run, tmp_path, capsys):
     out = _copy(finished_run, tmp_path / "run")
     sc = out / "scores.npz"
