@@ -73,7 +73,56 @@ def check_call(model, loss_fn, inputs, targets, mode, max_chunk, per_layer=False
         _nonfinite("targets", targets)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model has no parameters with requires_grad=True; there is no gradient to measure")
+    check_parameters(model)
     return args, B
+
+
+def check_parameters(model, *, finite: bool = True) -> None:
+    """The model's parameters hold finite values on a real device: a meta-device parameter has no
+    values at all, and a NaN/Inf weight makes every norm NaN. Raises ValueError naming the parameter.
+    finite=False: only the meta-device check (GradNormProbe, built once before a training loop)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad or p.is_floating_point()]
+    meta = [n for n, p in params if p.is_meta]
+    if meta:
+        raise ValueError(f"model parameter {meta[0]!r}" + (f" (and {len(meta) - 1} more)" if len(meta) > 1 else "")
+                         + " is on the meta device: it has a shape but no values; materialize the model first "
+                         "(e.g. model.to_empty(device='cpu') and load its weights)")
+    floats = [p for _, p in params if p.is_floating_point()]
+    if not floats or not finite:
+        return
+    with torch.no_grad():
+        if bool(torch.isfinite(torch.stack([p.detach().sum().to(torch.float64) for p in floats]).sum())):
+            return   # NaN/Inf always reach a sum (an overflow to Inf of finite values is checked below)
+    for n, p in params:
+        if not p.is_floating_point():
+            continue
+        finite = torch.isfinite(p.detach())
+        if not bool(finite.all()):
+            nan = int(torch.isnan(p.detach()).sum())
+            kinds = " and ".join(k for k in (f"NaN ({nan} entries)" if nan else "",
+                                             f"Inf ({int((~finite).sum()) - nan} entries)"
+                                             if int((~finite).sum()) > nan else "") if k)
+            raise ValueError(f"model parameter {n!r} contains {kinds}; every per-sample gradient norm of such a "
+                             "model is NaN: check the training that produced these weights")
+
+
+def check_no_tied_parameters(owners) -> None:
+    """owners: (module path, module) pairs whose own parameters enter the per-sample norms. A parameter
+    owned by two modules (tied weights) gets a per-sample gradient that is the SUM of both modules'
+    contributions; the one-pass rules give each module's squared norm, and adding those drops the
+    cross term. Raises ValueError naming the shared parameter (mode="exact" handles tied weights)."""
+    seen = {}
+    for path, module in owners:
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            full = f"{path}.{pname}" if path else pname
+            if id(p) in seen and seen[id(p)][0] != path:
+                raise ValueError(f"parameter {seen[id(p)][1]!r} is shared with {full!r} (tied weights: one "
+                                 f"nn.Parameter used by modules {seen[id(p)][0]!r} and {path!r}); column/detached/"
+                                 "eval norms and GradNormProbe add each module's squared norm and would drop the "
+                                 "cross term between them. Use mode='exact', or untie the weights")
+            seen.setdefault(id(p), (path, full))
 
 
 def check_losses(losses, B: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..reference.ghost_norm import accumulation_dtype
 from . import rules as _rules
-from ._checks import check_call, check_losses, trainable_parameters
+from ._checks import check_call, check_losses, check_no_tied_parameters, trainable_parameters
 from ._state import preserved_model_state, set_mode, temporary_hooks
 
 
@@ -51,6 +51,7 @@ def parameter_modules(model: nn.Module):
     for name, m in model.named_modules():
         if any(p.requires_grad for p in m.parameters(recurse=False)):
             found.append((name, m, _rules.rule_for(m, name)))
+    check_no_tied_parameters([(name, m) for name, m, _ in found])   # tied weights: refused, naming the parameter
     return found
 
 
@@ -69,6 +70,8 @@ def install_capture_hooks(model, mode, handles, *, tap: bool, on_output=None):
 
     def make_hook(name, rule):
         def hook(module, args, output):
+            if on_output is not None and not torch.is_grad_enabled():
+                return None   # GradNormProbe: a no-grad forward (evaluation) is not a training step
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"module {name!r} ({type(module).__name__}) returned {type(output).__name__}; "
                                 "per-sample norms need modules with parameters to return one tensor")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import trainable_parameters
+from ._checks import check_parameters, trainable_parameters
 from ._state import temporary_hooks
 from .onepass import install_capture_hooks, norms_from_captures, parameter_modules
 
@@ -55,7 +55,8 @@ class GradNormProbe:
             raise ValueError(f"max_chunk must be an int >= 1 or None, got {max_chunk!r}")
         if not trainable_parameters(model):
             raise ValueError("model has no parameters with requires_grad=True; there is no gradient to measure")
-        parameter_modules(model)   # unknown layers fail here, before the user's loop runs
+        parameter_modules(model)   # unknown layers (and tied weights) fail here, before the user's loop runs
+        check_parameters(model, finite=False)   # a meta-device model: no values to measure
         self.model, self.mode, self.reduction = model, mode, reduction
         self.backend, self.max_chunk = backend, max_chunk
         self._handles_cm = None
@@ -76,6 +77,8 @@ class GradNormProbe:
                                      "(running statistics); call model.train() or use mode='eval'")
 
     def _pre_forward(self, module, args):
+        if not torch.is_grad_enabled():
+            return   # a no-grad forward (e.g. evaluation) has no backward: keep the latest step's norms
         self._check_mode()
         self._captures.clear()
         self._result = None

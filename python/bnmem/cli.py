@@ -38,8 +38,9 @@ def build_parser():
     r.add_argument("--out", default="bnmem-run", help="run folder (default: ./bnmem-run)")
     r.add_argument("--config", help="TOML file with config keys (top level or a [bnmem] table)")
     r.add_argument("--quick", action="store_true", help="< 1 minute smoke run (small pool, 4 models, 3 variants)")
-    r.add_argument("--dataset", help="mnist (default, embedded) | digits | cifar10 (needs --data-dir)")
-    r.add_argument("--data-dir", dest="data_dir", help="CIFAR-10 python batches folder")
+    r.add_argument("--dataset", help="mnist (default, embedded) | digits | cifar10 | cifar100 "
+                   "(cifar: needs --data-dir)")
+    r.add_argument("--data-dir", dest="data_dir", help="folder of the CIFAR-10/100 python batches")
     r.add_argument("--variants", type=_csv, help="comma list of bn,gn,ln,none,bn-frozen")
     r.add_argument("--arch", help="cnn | mlp | resnet8 | resnet18")
     r.add_argument("--device", help="cpu (default) | cuda | auto; cuda trains with mixed precision")
@@ -109,7 +110,13 @@ def _main(argv) -> int:
         if "score" not in man.get("stages", {}):
             raise BnmemError(f"{rf.root} has no scores yet (stages done: {', '.join(man.get('stages', {})) or 'none'}); "
                              "finish it with `bnmem run --out DIR` and the same config")
-        report.render(rf.root)
+        with rf.locked():
+            inputs = [f for f in ("data.npz", "data.json", "scores.npz", "results.json") if f in rf.recorded()]
+            bad = rf.verify(inputs)
+            if bad:
+                raise BnmemError(f"{rf.root}: " + "; ".join(f"{k} is {v}" for k, v in sorted(bad.items()))
+                                 + "; rerun `bnmem run --out DIR` with the same config to redo it")
+            report.render(rf.root)
         print(rf.path("report.md"))
         return 0
     return 0

@@ -8,12 +8,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
 from .errors import BnmemError
 
-DATASETS = ("mnist", "digits", "cifar10")
+DATASETS = ("mnist", "digits", "cifar10", "cifar100")
 VARIANTS = ("bn", "gn", "ln", "none", "bn-frozen")
 ARCHS = ("cnn", "mlp", "resnet8", "resnet18")  # resnet*: resnet.py (CIFAR-style)
 CANARY_KINDS = ("mislabeled", "other_domain", "noise", "near_ood")
@@ -28,12 +29,16 @@ ATTACKS = {
 }
 PRIMARY_ATTACK_ORDER = ("lira_online", "lira_online_global")
 NOT_HASHED = ("workers", "progress", "data_dir")
+MAX_LR = 10.0
+INT_FIELDS = ("image_size", "n_in", "n_test", "width", "models", "epochs", "batch_size", "probe_every",
+              "frozen_warmup_epochs", "exact_models", "exact_points", "probe_batch", "shifts", "bootstrap", "seed",
+              "workers")
 
 
 @dataclass
 class Config:
     dataset: str = "mnist"
-    data_dir: str | None = None          # cifar10 only: folder holding data_batch_1..5, test_batch
+    data_dir: str | None = None          # cifar10/100 only: folder of the python batches (data.CIFAR_LAYOUT)
     image_size: int = 14                 # images resized (area) to this side; 0 keeps the native size
     n_in: int = 1000                     # in-distribution candidates
     n_test: int = 1000                   # held-out test examples (accuracy)
@@ -64,12 +69,14 @@ class Config:
 
     # ------------------------------------------------------------------
     def validate(self) -> "Config":
+        self._check_numbers()
         if self.dataset not in DATASETS:
             raise BnmemError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
-        if self.dataset == "cifar10":
+        if self.dataset in ("cifar10", "cifar100"):
             if not self.data_dir:
-                raise BnmemError("--dataset cifar10 needs --data-dir PATH: a local folder holding the python "
-                                 "pickle batches (data_batch_1..5, test_batch); bnmem never downloads")
+                files = "data_batch_1..5, test_batch" if self.dataset == "cifar10" else "train, test"
+                raise BnmemError(f"--dataset {self.dataset} needs --data-dir PATH: a local folder holding the python "
+                                 f"pickle batches ({files}); bnmem never downloads")
             if not os.path.isdir(self.data_dir):
                 raise BnmemError(f"--data-dir {self.data_dir!r} is not a folder; point it at the extracted "
                                  "cifar-10-batches-py folder")
@@ -123,6 +130,36 @@ class Config:
         if self.shifts < 0:
             raise BnmemError("shifts must be >= 0")
         return self
+
+    def _check_numbers(self) -> None:
+        """Every number in range before any work: a bad value is a one-line error, not a traceback
+        (or a silently replaced value) after the training."""
+        for name in ("lr", "momentum", "weight_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise BnmemError(f"{name.replace('_', '-')} must be a finite number, got {v!r}")
+        if not 0 < self.lr <= MAX_LR:
+            raise BnmemError(f"--lr must be in (0, {MAX_LR:g}], got {self.lr:g} (SGD with a larger step diverges "
+                             "on these models; the default is 0.05)")
+        if not 0 <= self.momentum < 1:
+            raise BnmemError(f"momentum must be in [0, 1), got {self.momentum:g}")
+        if not 0 <= self.weight_decay <= 1:
+            raise BnmemError(f"weight_decay must be in [0, 1], got {self.weight_decay:g}")
+        for name in INT_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise BnmemError(f"{name.replace('_', '-')} must be an integer, got {v!r}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise BnmemError(f"--seed must be in [0, 2^32), got {self.seed}")
+        if self.workers < 0:
+            raise BnmemError(f"--workers must be >= 0 (0 = all cores), got {self.workers}")
+        if self.frozen_warmup_epochs < 0:
+            raise BnmemError(f"frozen_warmup_epochs must be >= 0, got {self.frozen_warmup_epochs}")
+        if not isinstance(self.variants, list) or not isinstance(self.attacks, list) \
+                or not isinstance(self.canaries, dict):
+            raise BnmemError("variants and attacks must be lists and canaries a table of counts")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise BnmemError(f"data_dir must be a path, got {self.data_dir!r}")
 
     def attack_list(self) -> list:
         if "auto" in self.attacks:

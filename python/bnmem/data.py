@@ -32,33 +32,133 @@ def _load_raw(cfg: Config):
 
         d = load_digits()
         return d.images[:, None].astype(np.float32) / 16.0, d.target.astype(np.int64), 10
-    if cfg.dataset == "cifar10":
-        return _load_cifar10(cfg.data_dir)
+    if cfg.dataset in CIFAR_LAYOUT:
+        return _load_cifar(cfg.data_dir, cfg.dataset)
     raise BnmemError(f"unknown dataset {cfg.dataset!r}")
 
 
+# -- CIFAR python batches: a restricted unpickler and a check of what a real folder holds ---------
+# A python pickle can call any importable function while it loads; a CIFAR batch only ever needs the
+# numpy array/dtype rebuild helpers (and _codecs.encode, how Python 3 pickles bytes at protocol 2).
+# Every other global a pickle names is refused before anything of it runs.
+def _latin1_encode(text, encoding="latin1"):
+    if str(encoding).lower().replace("-", "") != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r} is not part of a CIFAR batch")
+    return text.encode("latin1")
+
+
+def _plain_dtype(*args, **kwargs):
+    dt = np.dtype(*args, **kwargs)
+    if dt.hasobject:
+        raise pickle.UnpicklingError(f"dtype {dt} holds Python objects, which a CIFAR batch never does")
+    return dt
+
+
+def _allowed_globals() -> dict:
+    try:  # numpy >= 2 keeps these in numpy._core; pickles name numpy.core (older) or numpy._core (newer)
+        from numpy._core.multiarray import _reconstruct, scalar
+        from numpy._core.numeric import _frombuffer
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct, scalar
+        from numpy.core.numeric import _frombuffer
+    out = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _plain_dtype, ("_codecs", "encode"): _latin1_encode}
+    for core in ("numpy.core", "numpy._core"):
+        out[(core + ".multiarray", "_reconstruct")] = _reconstruct
+        out[(core + ".multiarray", "scalar")] = scalar
+        out[(core + ".numeric", "_frombuffer")] = _frombuffer
+    return out
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only dict / list / str / bytes / int / float / numpy arrays of plain dtypes."""
+
+    _allowed = None
+
+    def find_class(self, module, name):
+        if _CifarUnpickler._allowed is None:
+            _CifarUnpickler._allowed = _allowed_globals()
+        fn = _CifarUnpickler._allowed.get((module, name))
+        if fn is None:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never holds "
+                                         "(refused without running it)")
+        return fn
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it uses persistent ids, which a CIFAR batch never holds")
+
+
+def load_cifar_batch(path, what: str = "CIFAR") -> dict:
+    """One CIFAR python batch (a pickled dict with bytes keys) through the restricted unpickler.
+    Raises BnmemError naming the file for anything that is not plain data."""
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+    except Exception as exc:  # a corrupt, foreign or hostile file
+        raise BnmemError(f"cannot read {what} batch {path!r} ({type(exc).__name__}: {exc}); is it the python "
+                         "version (cifar-*-python.tar.gz)?") from None
+    if not isinstance(d, dict):
+        raise BnmemError(f"CIFAR batch {path!r} is a pickled {type(d).__name__}, not the dict a batch holds")
+    return d
+
+
+# dataset -> (python batch folder name, [(file, rows)], label key, classes)
+CIFAR_LAYOUT = {
+    "cifar10": ("cifar-10-batches-py", [(f"data_batch_{i}", 10_000) for i in range(1, 6)] + [("test_batch", 10_000)],
+                b"labels", 10),
+    "cifar100": ("cifar-100-python", [("train", 50_000), ("test", 10_000)], b"fine_labels", 100),
+}
+
+
 def _load_cifar10(folder):
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    sub = os.path.join(folder, "cifar-10-batches-py")
+    return _load_cifar(folder, "cifar10")
+
+
+def _load_cifar(folder, dataset="cifar10"):
+    """-> images [n, 3, 32, 32] float32 in [0, 1], labels [n] int64, classes. Checks what a real folder
+    holds: every file of the dataset, each a uint8 [rows, 3072] data array with one label per row in
+    0..classes-1; the training files all hold the same number of rows (real CIFAR: see CIFAR_LAYOUT)."""
+    sub_name, files, label_key, n_classes = CIFAR_LAYOUT[dataset]
+    title = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[dataset]
+    names = [n for n, _ in files]
+    sub = os.path.join(folder, sub_name)
     if not os.path.exists(os.path.join(folder, names[0])) and os.path.isdir(sub):
         folder = sub
     missing = [n for n in names if not os.path.exists(os.path.join(folder, n))]
     if len(missing) == len(names):
-        raise BnmemError(f"--data-dir {folder!r} holds no CIFAR-10 python batches (data_batch_1..5, test_batch); "
-                         "extract cifar-10-python.tar.gz there")
-    xs, ys = [], []
-    for n in names:
+        raise BnmemError(f"--data-dir {folder!r} holds no {title} python batches ({', '.join(names)}); "
+                         f"extract {dataset.replace('cifar', 'cifar-')}-python.tar.gz there")
+    xs, ys, rows = [], [], {}
+    for n, _ in files:
         p = os.path.join(folder, n)
-        if not os.path.exists(p):
+        if n in missing:
             continue
-        try:
-            with open(p, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
-            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[b"labels"], dtype=np.int64))
-        except Exception as exc:  # a corrupt or foreign file
-            raise BnmemError(f"cannot read CIFAR-10 batch {p!r} ({type(exc).__name__}: {exc}); is it the python version?") from None
-    return np.concatenate(xs).astype(np.float32) / 255.0, np.concatenate(ys), 10
+        d = load_cifar_batch(p, title)
+        data, labels = d.get(b"data"), d.get(label_key)
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            what = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
+            raise BnmemError(f"CIFAR batch {p!r}: b'data' must be a uint8 array [rows, 3072] (32x32x3 images), "
+                             f"got {what}")
+        if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data):
+            raise BnmemError(f"CIFAR batch {p!r}: {label_key!r} must list one label per row ({len(data)} rows), got "
+                             f"{len(labels) if isinstance(labels, (list, np.ndarray)) else type(labels).__name__}")
+        if isinstance(labels, list) and not all(type(v) is int for v in labels):
+            raise BnmemError(f"CIFAR batch {p!r}: {label_key!r} holds non-integer labels")
+        y = np.asarray(labels, dtype=np.int64)
+        if len(y) and (y.min() < 0 or y.max() >= n_classes):
+            raise BnmemError(f"CIFAR batch {p!r}: labels must be in 0..{n_classes - 1} for {dataset}, found "
+                             f"{int(y.min())}..{int(y.max())}")
+        rows[n] = len(data)
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.append(y)
+    if missing:
+        raise BnmemError(f"--data-dir {folder!r} is a partial {title} folder: missing {', '.join(missing)} "
+                         f"(a real one holds {', '.join(names)})")
+    train_rows = {rows[n] for n, _ in files[:-1]}
+    if len(train_rows) != 1:
+        raise BnmemError(f"--data-dir {folder!r}: the training batches hold different numbers of rows "
+                         f"({', '.join(f'{n} {rows[n]}' for n, _ in files[:-1])}); a real {title} folder "
+                         f"holds {files[0][1]} in each: is one of them truncated?")
+    return np.concatenate(xs).astype(np.float32) / 255.0, np.concatenate(ys), n_classes
 
 
 def _resize(x: np.ndarray, size: int) -> np.ndarray:
@@ -143,4 +243,4 @@ def build(cfg: Config) -> tuple[dict, dict]:
 
 
 def _load_raw_side(cfg):
-    return {"mnist": 28, "digits": 8, "cifar10": 32}[cfg.dataset]
+    return {"mnist": 28, "digits": 8, "cifar10": 32, "cifar100": 32}[cfg.dataset]

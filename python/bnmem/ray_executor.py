@@ -220,6 +220,7 @@ class RayPool:
         self.ray = None
         self._ex = None
         self._owns_ray = False
+        self._reaper = None
         self._blobs = {}
 
     def blob(self, path):
@@ -238,6 +239,9 @@ class RayPool:
         if not ray.is_initialized():
             kw = dict(include_dashboard=False, log_to_driver=False, logging_level="warning")
             kw.update(self.init_kwargs)
+            if self.address is None:   # a local instance: reaped with this process (executor.start_reaper)
+                from .executor import start_reaper
+                self._reaper = start_reaper()
             try:
                 ray.init(address=self.address, **kw)
             except (ConnectionError, ValueError) as exc:
@@ -266,6 +270,10 @@ class RayPool:
         self._blobs.clear()
         if self._owns_ray and self.ray is not None:
             self.ray.shutdown()
+        if self._reaper is not None:
+            self._reaper.kill()
+            self._reaper.wait()
+            self._reaper = None
         self.ray, self._owns_ray = None, False
 
     def __enter__(self):

@@ -238,6 +238,13 @@ def report_markdown(res, man) -> str:
           f"{_fmt(mm.get('ood', {}).get('mean'))}{_ci(mm.get('ood', {}).get('ci'))} | "
           f"{_fmt(gr.get('ratio'), 2)}{_ci(gr.get('ci'), 2)} |")
     A("")
+    div = (man.get("stages", {}).get("train") or {}).get("diverged") or {}   # train.stability_summary
+    if div:
+        A("Training stability (a model whose loss or weights became non-finite is retrained from scratch with the "
+          "next seed attempt; train.py): " + "; ".join(
+              f"{v}: {len({r['m'] for r in rows})} of {cfg['models']} models diverged" + (" (" + ", ".join(
+                  f"m{r['m']} attempt {r['attempt']}: {r['reason']} at epoch {r['epoch']}, step {r['step']}, "
+                  f"lr {r['lr']:.3g}" for r in rows) + ")" if rows else "") for v, rows in div.items()) + ".\n")
     comps = res.get("comparisons", {})
     heads = [("eval/overall/auc", "MIA AUC"), ("eval/overall/tpr@0.01", "TPR @ 1% FPR"), ("eval/ood/auc", "MIA AUC on OOD"),
              ("eval/mem/ood", "mem OOD"), ("eval/mem/in_dist", "mem in-dist"),

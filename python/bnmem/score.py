@@ -273,6 +273,8 @@ def run_stage(root: str, cfg: Config, log=print, pool=None) -> None:
     res = dict(bnmem=__version__, config=cfg.hashed_dict(), config_hash=cfg.hash(), data=meta,
                versions=_versions(), hardware=_hardware(), groups=group_names(d["group"]), attacks=attacks,
                primary_attack=primary, fprs=list(FPRS), bootstrap=cfg.bootstrap, variants={})
+    from .executor import study_threads   # what every stage ran on (not this process's count after a resume)
+    res["hardware"]["threads"] = study_threads(cfg.workers, cfg.models * len(cfg.variants))
     cfg_dict = {**cfg.hashed_dict(), "data_dir": cfg.data_dir}
     tasks = [(root, cfg_dict, v) for v in cfg.variants]
     got = {}

@@ -5,10 +5,20 @@ Each model writes `models/<variant>/m<k>.npz` (training trace: per-candidate gra
 epoch from the step probe, loss/accuracy per epoch, the scheduled exact/column/detached/eval norms)
 and then `models/<variant>/m<k>.pt` (state_dict). A model counts as finished when both exist;
 both are written atomically, so a killed run loses at most the models in flight.
+
+Divergence: a non-finite training loss (checked every step) or non-finite weights (checked every
+epoch and before saving) stop that model's training where it happens. The stated remedy: the
+model is trained again from scratch with the next seed attempt (init and batch order from
+SeedSequence([seed, 7, m, attempt])), at most MAX_ATTEMPTS times; every diverged attempt (variant,
+model, attempt, epoch, step, learning rate, reason) is kept in the trace (`diverged`,
+`diverged_reason`) and summed up per variant in the manifest and the report, because how often a
+variant diverges is itself a result. If every attempt diverges, the stage stops with an error
+naming the model (never a traceback at the score stage after all the work).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 
@@ -18,6 +28,7 @@ import torch.nn.functional as F
 
 from . import gradnorms
 from .config import Config, from_dict
+from .errors import BnmemError
 from .models import build_model, freeze_batchnorm, has_batchnorm
 from .runfolder import read_npz, save_state_dict, write_npz
 
@@ -31,9 +42,28 @@ def is_done(root, variant, m) -> bool:
     return all(os.path.exists(p) for p in model_paths(root, variant, m))
 
 
-def seeds_for(cfg: Config, m: int):
-    """Model m of every variant shares its init and batch order (paired comparison)."""
-    ss = np.random.SeedSequence([cfg.seed, 7, m])
+MAX_ATTEMPTS = 3
+
+
+class Diverged(Exception):
+    """Raised inside a training attempt: the loss or the weights became non-finite."""
+
+    def __init__(self, epoch: int, step: int, lr: float, reason: str):
+        super().__init__(f"{reason} at epoch {epoch}, step {step} (lr {lr:.3g})")
+        self.epoch, self.step, self.lr, self.reason = epoch, step, lr, reason
+
+
+def _nonfinite_param(model) -> str | None:
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            return name
+    return None
+
+
+def seeds_for(cfg: Config, m: int, attempt: int = 0):
+    """Model m of every variant shares its init and batch order (paired comparison). attempt > 0: the
+    seeds of a retraining after a divergence (see the module docstring)."""
+    ss = np.random.SeedSequence([cfg.seed, 7, m] + ([attempt] if attempt else []))
     torch_seed, order_seed = ss.generate_state(2)
     return int(torch_seed), int(order_seed)
 
@@ -60,17 +90,31 @@ def _probe_batch(train_idx, group, size, rng):
 
 
 def train_one(root: str, cfg_dict: dict, variant: str, m: int) -> dict:
-    """Train model m of `variant`; write its trace and checkpoint. Deterministic in (seed, m)."""
+    """Train model m of `variant`; write its trace and checkpoint. Deterministic in (seed, m).
+    A diverged attempt is retrained with the next seed attempt (module docstring); BnmemError
+    naming the model when all MAX_ATTEMPTS diverge."""
     torch.set_num_threads(1)
     cfg = from_dict(cfg_dict)
     t0 = time.perf_counter()
     d = read_npz(os.path.join(root, "data.npz"))
+    diverged = []
+    for attempt in range(MAX_ATTEMPTS):
+        try:
+            return _train_attempt(root, cfg, d, variant, m, attempt, diverged, t0)
+        except Diverged as exc:
+            diverged.append((attempt, exc.epoch, exc.step, exc.lr, exc.reason))
+    raise BnmemError(f"train: {variant} model {m} diverged in all {MAX_ATTEMPTS} attempts ("
+                     + "; ".join(f"attempt {a}: {r} at epoch {e}, step {s}, lr {lr:.3g}" for a, e, s, lr, r in diverged)
+                     + f"); lower --lr (now {cfg.lr:g}); the models trained so far are kept")
+
+
+def _train_attempt(root, cfg, d, variant, m, attempt, diverged, t0) -> dict:
     x_all, y_all, group = torch.from_numpy(d["x"]), torch.from_numpy(d["y"]), d["group"]
     keep = d["keep"][m]
     train_idx = np.flatnonzero(keep)
     N = len(y_all)
     n_classes = int(max(y_all.max().item(), d["y_test"].max()) + 1)
-    torch_seed, order_seed = seeds_for(cfg, m)
+    torch_seed, order_seed = seeds_for(cfg, m, attempt)
     torch.manual_seed(torch_seed)
     from .cifar import autocast, grad_scaler, resolve_device, train_augment
     dev = resolve_device(cfg.device)
@@ -118,13 +162,16 @@ def train_one(root: str, cfg_dict: dict, variant: str, m: int) -> dict:
                     out = model(xb)
                 losses = F.cross_entropy(out.float(), yb, reduction="none")
                 scaler.scale(losses.mean()).backward()
+            loss_sum = losses.sum().item()
+            if not math.isfinite(loss_sum):   # before the probe's norms and the step use it
+                raise Diverged(epoch, step, lr_sched.get_last_lr()[0], "non-finite training loss")
             if probing:
                 epoch_norms[epoch, idx] = (stepper.norms.float() / scaler.get_scale()).cpu().numpy()  # fp16: unscale
             scaler.step(opt)
             scaler.update()
             lr_sched.step()
             step += 1
-            tot_loss += losses.sum().item()
+            tot_loss += loss_sum
             tot_correct += (out.argmax(1) == yb).sum().item()
             if step in sched_steps:
                 k = sched_steps.index(step)
@@ -135,6 +182,9 @@ def train_one(root: str, cfg_dict: dict, variant: str, m: int) -> dict:
                     sched_sources.append(f"{mode}:{src}")
         loss_hist[epoch] = tot_loss / len(train_idx)
         acc_hist[epoch] = tot_correct / len(train_idx)
+        bad = _nonfinite_param(model)
+        if bad is not None:
+            raise Diverged(epoch, step, lr_sched.get_last_lr()[0], f"non-finite weights ({bad})")
 
     model.eval()
     with torch.no_grad():
@@ -144,11 +194,14 @@ def train_one(root: str, cfg_dict: dict, variant: str, m: int) -> dict:
               test_acc=np.float32(test_acc), sched_steps=np.array(sched_steps, np.int64),
               probe_idx=probe_idx, sched_norms=sched_norms,
               sched_sources=np.array(sorted(set(sched_sources)), dtype="U64"),
-              step_probe_source=np.array(stepper.source), steps=np.int64(step),
+              step_probe_source=np.array(stepper.source), steps=np.int64(step), attempt=np.int64(attempt),
+              diverged=np.array([[a, e, s] for a, e, s, _, _ in diverged], np.int64).reshape(-1, 3),
+              diverged_lr=np.array([lr for *_, lr, _ in diverged], np.float64),
+              diverged_reason=np.array([r for *_, r in diverged], dtype="U64"),
               seconds=np.float64(time.perf_counter() - t0))
     save_state_dict(pt, {k: v.cpu() for k, v in model.state_dict().items()})
     return dict(variant=variant, m=m, test_acc=float(test_acc), train_acc=float(acc_hist[-1]),
-                seconds=time.perf_counter() - t0)
+                seconds=time.perf_counter() - t0, diverged=[list(x) for x in diverged])
 
 
 def run_stage(root: str, cfg: Config, progress=True, log=print, pool=None) -> list:
@@ -162,6 +215,38 @@ def run_stage(root: str, cfg: Config, progress=True, log=print, pool=None) -> li
     log(f"train: {len(tasks)} of {n_all} models to train ({n_all - len(tasks)} already done), "
         f"{workers} worker process(es)")
     cfg_dict = {**cfg.hashed_dict(), "data_dir": cfg.data_dir}
-    return list(parallel_map(train_one, [(root, cfg_dict, v, m) for v, m in tasks], workers=workers,
-                             desc="train", progress=progress, pool=pool,
-                             postfix=lambda r: f"{r['variant']} m{r['m']} test acc {r['test_acc']:.2f}"))
+    rf = None
+    if os.path.exists(os.path.join(root, "manifest.json")):
+        from .runfolder import RunFolder
+        rf = RunFolder(root)
+    out = []
+    for r in parallel_map(train_one, [(root, cfg_dict, v, m) for v, m in tasks], workers=workers,
+                          desc="train", progress=progress, pool=pool,
+                          postfix=lambda r: f"{r['variant']} m{r['m']} test acc {r['test_acc']:.2f}"):
+        if rf is not None:   # the sha256 of a finished model, as soon as it is there
+            rf.record([rf.rel(p) for p in model_paths(root, r["variant"], r["m"])[::-1]])
+        for a, e, s, lr, why in r.get("diverged", []):
+            log(f"train: {r['variant']} model {r['m']} diverged ({why} at epoch {e}, step {s}, lr {lr:.3g}, seed "
+                f"attempt {a}); retrained with seed attempt {a + 1} (recorded in its trace and the report)")
+        out.append(r)
+    return out
+
+
+def stability_summary(root: str, cfg: Config) -> dict:
+    """{"diverged": {variant: [{m, attempt, epoch, step, lr, reason}, ...]}} from every finished trace
+    (empty lists when nothing diverged): the stability of each variant, for the manifest and report."""
+    out = {}
+    for v in cfg.variants:
+        rows = []
+        for m in range(cfg.models):
+            p = model_paths(root, v, m)[1]
+            if not os.path.exists(p):
+                continue
+            t = read_npz(p)
+            if "diverged" not in t:
+                continue
+            for (a, e, s), lr, why in zip(t["diverged"].tolist(), t["diverged_lr"].tolist(),
+                                          t["diverged_reason"].tolist()):
+                rows.append(dict(m=m, attempt=a, epoch=e, step=s, lr=lr, reason=why))
+        out[v] = rows
+    return {"diverged": out}
