@@ -59,8 +59,17 @@ def _probe_batch(train_idx, group, size, rng):
     return np.array(chosen, dtype=np.int64)
 
 
+def order_digest(order) -> str:
+    """A short fingerprint of one epoch's example order (recorded per epoch: pairing is checkable)."""
+    import hashlib
+    return hashlib.sha256(np.ascontiguousarray(order, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
 def train_one(root: str, cfg_dict: dict, variant: str, m: int) -> dict:
     """Train model m of `variant`; write its trace and checkpoint. Deterministic in (seed, m)."""
+    if variant.startswith("gn-dp"):  # DP-SGD arms of the mitigation study (dp.py: Opacus, Poisson sampling)
+        from .dp import train_one_dp
+        return train_one_dp(root, cfg_dict, variant, m)
     torch.set_num_threads(1)
     cfg = from_dict(cfg_dict)
     t0 = time.perf_counter()
@@ -85,7 +94,9 @@ def train_one(root: str, cfg_dict: dict, variant: str, m: int) -> dict:
     bn = has_batchnorm(model)
     log_exact = m < cfg.exact_models
     sched_steps = _schedule(total, cfg.exact_points) if log_exact else []
-    probe_idx = _probe_batch(train_idx, group, min(cfg.probe_batch, len(train_idx)), rng) if log_exact else np.zeros(0, np.int64)
+    # own generator: the exact schedule must not shift the batch order (models pair across variants)
+    probe_idx = (_probe_batch(train_idx, group, min(cfg.probe_batch, len(train_idx)), np.random.default_rng([order_seed, 1]))
+                 if log_exact else np.zeros(0, np.int64))
     sched_norms = np.full((len(sched_steps), len(gradnorms.MODES), len(probe_idx)), np.nan, np.float32)
     sched_sources = []
 
@@ -94,14 +105,19 @@ def train_one(root: str, cfg_dict: dict, variant: str, m: int) -> dict:
     step = 0
     probe_mode = "column"
     stepper = None
+    digests = []
     for epoch in range(cfg.epochs):
         model.train()
-        if variant == "bn-frozen" and epoch >= cfg.frozen_warmup_epochs:
+        if variant in ("bn-frozen", "bn-frozen-pop") and epoch >= cfg.frozen_warmup_epochs:
+            if variant == "bn-frozen-pop" and probe_mode != "eval":  # population statistics at the freeze
+                from .mitigate import recompute_bn_statistics
+                recompute_bn_statistics(model, x_all[train_idx], cfg.batch_size, dev)
             freeze_batchnorm(model)
             probe_mode = "eval"
         if stepper is None or stepper.mode != probe_mode:
             stepper = gradnorms.StepProbe(model, probe_mode)
         order = rng.permutation(train_idx)
+        digests.append(order_digest(order))
         tot_loss = tot_correct = 0.0
         for b in range(steps_per_epoch):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
@@ -144,7 +160,7 @@ def train_one(root: str, cfg_dict: dict, variant: str, m: int) -> dict:
               test_acc=np.float32(test_acc), sched_steps=np.array(sched_steps, np.int64),
               probe_idx=probe_idx, sched_norms=sched_norms,
               sched_sources=np.array(sorted(set(sched_sources)), dtype="U64"),
-              step_probe_source=np.array(stepper.source), steps=np.int64(step),
+              step_probe_source=np.array(stepper.source), steps=np.int64(step), order_digest=np.array(digests),
               seconds=np.float64(time.perf_counter() - t0))
     save_state_dict(pt, {k: v.cpu() for k, v in model.state_dict().items()})
     return dict(variant=variant, m=m, test_acc=float(test_acc), train_acc=float(acc_hist[-1]),
