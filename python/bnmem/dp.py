@@ -65,6 +65,20 @@ def noise_multiplier(eps: float, delta: float, sample_rate: float, epochs: int) 
                                           epochs=epochs, accountant=ACCOUNTANT))
 
 
+@functools.lru_cache(maxsize=64)
+def spent_epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> tuple:
+    """(epsilon of ACCOUNTANT, epsilon of an RDP accountant) after `steps` steps of the Gaussian
+    mechanism with noise multiplier sigma and Poisson rate sample_rate (cached: the models of an arm share it)."""
+    from opacus.accountants import RDPAccountant, create_accountant
+    out = []
+    for acc in (create_accountant(mechanism=ACCOUNTANT), RDPAccountant()):
+        acc.history = [(sigma, sample_rate, steps)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "optimal order is the largest alpha": RDP's bound is looser there
+            out.append(float(acc.get_epsilon(delta)))
+    return tuple(out)
+
+
 def _per_sample_norms(module) -> torch.Tensor:
     """L2 norm over all parameters of each sample's gradient (Opacus' grad_sample, before clipping)."""
     sq = None
@@ -81,7 +95,6 @@ def train_one_dp(root: str, cfg_dict: dict, variant: str, m: int) -> dict:
     """Train model m of a "gn-dp<eps>" variant; writes the same trace/checkpoint files as train.train_one,
     plus dp_* fields. Deterministic in (seed, m): seeded sampler and noise generators."""
     from opacus import PrivacyEngine
-    from opacus.accountants import RDPAccountant
 
     from .cifar import train_augment
     from .config import from_dict
@@ -156,12 +169,10 @@ def train_one_dp(root: str, cfg_dict: dict, variant: str, m: int) -> dict:
         digests.append(order_digest(np.concatenate(seq) if seq else np.zeros(0, np.int64)))
         loss_hist[epoch] = tot_loss / max(seen, 1)
         acc_hist[epoch] = tot_correct / max(seen, 1)
-    rdp = RDPAccountant()
-    rdp.history = list(engine.accountant.history)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "optimal order is the largest alpha": RDP's bound is looser there
-        eps_spent = float(engine.get_epsilon(DELTA))
-        eps_rdp = float(rdp.get_epsilon(DELTA))
+    hist = engine.accountant.history  # [(sigma, q, steps)]: one entry, as every step had the same sigma and q
+    if len(hist) != 1:
+        raise RuntimeError(f"unexpected privacy accountant history {hist}")
+    eps_spent, eps_rdp = spent_epsilon(*hist[0], DELTA)
     net = gsm._module
     net.eval()
     with torch.no_grad():

@@ -379,8 +379,9 @@ def compare_arms(out, arms, *, n_boot: int = 1000, seed: int = 0, acc_tolerance:
             st["n_nonmembers" + suffix] = int((flat_ok & ~flat_k).sum())
             st["nan_scores" + suffix] = int((~flat_ok).sum())
             aucs, tprs = [], {f: [] for f in FPRS}
-            for lo in range(0, n_boot, 50):
-                w = (cm[lo:lo + 50, :, None] * cc[lo:lo + 50, None, :]).reshape(-1, M * N)[:, flat_ok]
+            chunk = max(1, int(2e7 // (M * N)))  # resamples per pass: ~160 MB of fp64 weights
+            for lo in range(0, n_boot, chunk):
+                w = (cm[lo:lo + chunk, :, None] * cc[lo:lo + chunk, None, :]).reshape(-1, M * N)[:, flat_ok]
                 au, tp = weighted_roc_stats(flat_s[flat_ok], flat_k[flat_ok], w)
                 aucs.append(au)
                 for f in FPRS:
