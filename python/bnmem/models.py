@@ -12,9 +12,9 @@ import torch.nn as nn
 
 
 def norm_layer(norm: str, channels: int, *, conv: bool) -> nn.Module:
-    if norm in ("bn", "bn-frozen"):
+    if norm in ("bn", "bn-frozen", "bn-frozen-pop"):  # -pop: mitigate.py's freeze with population statistics
         return nn.BatchNorm2d(channels) if conv else nn.BatchNorm1d(channels)
-    if norm == "gn":
+    if norm == "gn" or norm.startswith("gn-dp"):  # gn-dp<eps>: GroupNorm trained with DP-SGD (dp.py)
         return nn.GroupNorm(4 if channels % 4 == 0 else 1, channels)
     if norm == "ln":
         return nn.GroupNorm(1, channels) if conv else nn.LayerNorm(channels)

@@ -89,10 +89,19 @@ def _probe_batch(train_idx, group, size, rng):
     return np.array(chosen, dtype=np.int64)
 
 
+def order_digest(order) -> str:
+    """A short fingerprint of one epoch's example order (recorded per epoch: pairing is checkable)."""
+    import hashlib
+    return hashlib.sha256(np.ascontiguousarray(order, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
 def train_one(root: str, cfg_dict: dict, variant: str, m: int) -> dict:
     """Train model m of `variant`; write its trace and checkpoint. Deterministic in (seed, m).
     A diverged attempt is retrained with the next seed attempt (module docstring); BnmemError
     naming the model when all MAX_ATTEMPTS diverge."""
+    if variant.startswith("gn-dp"):  # DP-SGD arms of the mitigation study (dp.py: Opacus, Poisson sampling)
+        from .dp import train_one_dp
+        return train_one_dp(root, cfg_dict, variant, m)
     torch.set_num_threads(1)
     cfg = from_dict(cfg_dict)
     t0 = time.perf_counter()
@@ -129,7 +138,9 @@ def _train_attempt(root, cfg, d, variant, m, attempt, diverged, t0) -> dict:
     bn = has_batchnorm(model)
     log_exact = m < cfg.exact_models
     sched_steps = _schedule(total, cfg.exact_points) if log_exact else []
-    probe_idx = _probe_batch(train_idx, group, min(cfg.probe_batch, len(train_idx)), rng) if log_exact else np.zeros(0, np.int64)
+    # own generator: the exact schedule must not shift the batch order (models pair across variants)
+    probe_idx = (_probe_batch(train_idx, group, min(cfg.probe_batch, len(train_idx)), np.random.default_rng([order_seed, 1]))
+                 if log_exact else np.zeros(0, np.int64))
     sched_norms = np.full((len(sched_steps), len(gradnorms.MODES), len(probe_idx)), np.nan, np.float32)
     sched_sources = []
 
@@ -138,14 +149,19 @@ def _train_attempt(root, cfg, d, variant, m, attempt, diverged, t0) -> dict:
     step = 0
     probe_mode = "column"
     stepper = None
+    digests = []
     for epoch in range(cfg.epochs):
         model.train()
-        if variant == "bn-frozen" and epoch >= cfg.frozen_warmup_epochs:
+        if variant in ("bn-frozen", "bn-frozen-pop") and epoch >= cfg.frozen_warmup_epochs:
+            if variant == "bn-frozen-pop" and probe_mode != "eval":  # population statistics at the freeze
+                from .mitigate import recompute_bn_statistics
+                recompute_bn_statistics(model, x_all[train_idx], cfg.batch_size, dev)
             freeze_batchnorm(model)
             probe_mode = "eval"
         if stepper is None or stepper.mode != probe_mode:
             stepper = gradnorms.StepProbe(model, probe_mode)
         order = rng.permutation(train_idx)
+        digests.append(order_digest(order))
         tot_loss = tot_correct = 0.0
         for b in range(steps_per_epoch):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
@@ -198,6 +214,7 @@ def _train_attempt(root, cfg, d, variant, m, attempt, diverged, t0) -> dict:
               diverged=np.array([[a, e, s] for a, e, s, _, _ in diverged], np.int64).reshape(-1, 3),
               diverged_lr=np.array([lr for *_, lr, _ in diverged], np.float64),
               diverged_reason=np.array([r for *_, r in diverged], dtype="U64"),
+              order_digest=np.array(digests),
               seconds=np.float64(time.perf_counter() - t0))
     save_state_dict(pt, {k: v.cpu() for k, v in model.state_dict().items()})
     return dict(variant=variant, m=m, test_acc=float(test_acc), train_acc=float(acc_hist[-1]),
