@@ -68,7 +68,7 @@ mapfile -t BENCH_ARR < <("$PYTHON" -c 'import shlex, sys; print("\n".join(shlex.
 USER_K=""; REST=()
 for ((i = 0; i < ${#BENCH_ARR[@]}; i++)); do
   if [ "${BENCH_ARR[$i]}" = -k ] && [ $((i + 1)) -lt ${#BENCH_ARR[@]} ]; then USER_K=${BENCH_ARR[$((i + 1))]}; i=$((i + 1))
-  else REST+=("${BENCH_ARR[$i]}"); fi
+  elif [ -n "${BENCH_ARR[$i]}" ]; then REST+=("${BENCH_ARR[$i]}"); fi   # (no --bench-args: one empty line)
 done
 BENCH_ARR=("${REST[@]+"${REST[@]}"}")
 kexpr() { if [ -n "$USER_K" ]; then echo "($1) and ($USER_K)"; else echo "$1"; fi; }
@@ -197,7 +197,7 @@ if [ "$DRY" = 1 ]; then
   echo "  worst case ${t}s of ${BUDGET}s; stages usually end well before their caps"
   echo "now on this CPU: the sweep (tiny shapes) and the bench selection (collected only)"
   export TRITON_INTERPRET=1
-  stage env 30 -- bash -c 'env_report; rc=$?; [ $rc = 3 ] && echo "(no CUDA here: expected in a dry run)" && rc=0; exit $rc'
+  stage env 60 -- bash -c 'env_report; rc=$?; [ $rc = 3 ] && echo "(no CUDA here: expected in a dry run)" && rc=0; exit $rc'
   stage sweep 600 -- "$PYTHON" bench/gpu_sweep.py --device cpu --tiny --budget 150 --out "$OUTDIR/sweep.json"
   stage tests 120 -- "$PYTHON" -m pytest "${TESTSEL[@]}" --collect-only
   stage bench:gpu 120 -- "$PYTHON" -m pytest bench/ "${BENCHSEL[@]}" -k "$(kexpr 'cuda or triton or gpu')" --collect-only "${BENCH_ARR[@]+"${BENCH_ARR[@]}"}"

@@ -37,3 +37,6 @@ def test_bench_args_quoted_k_is_combined(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "-k (cuda or triton or gpu) and (lira and triton) --collect-only --benchmark-min-rounds 1" in r.stdout
     assert "test_bnmem[triton-online-mean]" in r.stdout and "cuda-online-mean" not in r.stdout
+    r = _dry(tmp_path, "--skip", "env,sweep,tests")     # no --bench-args: bench/ only (an empty argument
+    assert r.returncode == 0, r.stdout + r.stderr         # once made pytest collect the whole repository)
+    assert "bench/test_bench_exact.py::test_exact_gpu" in r.stdout and "tests/kernels" not in r.stdout
