@@ -171,7 +171,7 @@ sanitize() {  # one memcheck and one racecheck pass over every CUDA op at tiny s
   for tool in memcheck racecheck; do
     echo "--- compute-sanitizer --tool $tool"
     compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 "$PYTHON" bench/gpu_sweep.py --device cuda \
-      --tiny --backends cuda --dtypes fp32,fp64 --out /dev/null || rc=$?
+      --tiny --backends cuda --dtypes fp32,fp64 --out "${TMPDIR:-/tmp}/bnmem-sanitizer-$tool.json" || rc=$?
   done
   return $rc
 }

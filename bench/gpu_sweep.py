@@ -11,8 +11,10 @@ the device. An op without a case builder here is reported ("no sweep case"), not
   TRITON_INTERPRET=1 python bench/gpu_sweep.py --device cpu --tiny --out sweep.json   # dry run here
   options: --ops a,b  --backends cuda,triton  --dtypes fp32,bf16  --tiny (small shapes, B in 1, 3)
 
-The reference: the op's `reference` backend on the same inputs cast to fp64, on the CPU. Exit status
-0 when every case passed (or was not applicable), 1 otherwise.
+The reference: the op's `reference` backend on the same inputs cast to fp64, on the CPU. Shape cases
+run round-robin over the ops, so that --budget (stop starting cases after S seconds) leaves every op
+covered. Exit status 0 when every case ran and passed, 1 when any failed, 3 when none failed but the
+budget stopped the sweep early.
 """
 from __future__ import annotations
 
@@ -183,6 +185,47 @@ def _compare(out, ref, dtname):
     return res
 
 
+def _run_case(op, label, inputs, call, report, device, dtypes, args):
+    """One shape case of one op: the fp64 reference on CPU, then every backend x dtype against it."""
+    summary = report["ops"][op]
+    summary["cases_run"] += 1
+    try:
+        ref = call(_cast(inputs, torch.float64, "cpu"), "reference").to(torch.float64)
+    except Exception as exc:  # noqa: BLE001 -- a reference that fails is itself a finding
+        summary["failed"] += 1
+        rec = {"op": op, "backend": "reference", "dtype": "fp64", "case": label, "ok": False,
+               "error": f"{type(exc).__name__}: {exc}"}
+        report["cases"].append(rec)
+        summary["first_failure"] = summary["first_failure"] or rec
+        return
+    for be in summary["backends"]:
+        for dtname in dtypes:
+            if op in ("lira_scores",) and dtname in ("bf16", "fp16") and not args.all_dtypes:
+                continue   # widened to fp32 by the op before any kernel: the fp32 case covers it
+            rec = {"op": op, "backend": be, "dtype": dtname, "case": label}
+            t0 = time.perf_counter()
+            try:
+                out = call(_cast(inputs, DTYPES[dtname], device), be)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                rec.update(_compare(out, ref, dtname))
+            except Exception as exc:  # noqa: BLE001 -- recorded; the sweep goes on
+                rec.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000],
+                           trace=traceback.format_exc(limit=4)[-1500:])
+                if device.type == "cuda" and "device-side assert" in str(exc):
+                    rec["note"] = "CUDA context lost: later cases on this device are unreliable"
+            rec["seconds"] = round(time.perf_counter() - t0, 4)
+            report["cases"].append(rec)
+            key = f"{be}/{dtname}"
+            if "rel" in rec:
+                summary["max_rel"][key] = max(summary["max_rel"].get(key, 0.0), rec["rel"])
+            if rec["ok"]:
+                summary["passed"] += 1
+            else:
+                summary["failed"] += 1
+                summary["first_failure"] = summary["first_failure"] or rec
+
+
 def run(args):
     device = torch.device(args.device)
     ops = discover_ops()
@@ -196,7 +239,8 @@ def run(args):
               "unavailable": {b: _backend.unavailable_reason(b, device) for b in _backend.BACKENDS if b not in available},
               "ops": {}, "cases": [], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     t_start = time.time()
-    for op, implemented in sorted(ops.items()):
+    queues = {}   # op -> its cases; run round-robin (case 1 of every op, then case 2, ...) so that a
+    for op, implemented in sorted(ops.items()):   # budget cut leaves every op covered
         if want_ops and op not in want_ops:
             continue
         if op in EXCLUDED_OPS:
@@ -205,49 +249,19 @@ def run(args):
         if op not in BUILDERS:
             report["ops"][op] = {"status": "no sweep case (add cases_<op> to bench/gpu_sweep.py)"}
             continue
-        summary = {"implemented": list(implemented), "passed": 0, "failed": 0, "first_failure": None,
-                   "backends": [b for b in want_be if b in implemented and b in available], "max_rel": {}}
-        report["ops"][op] = summary
-        gen = torch.Generator().manual_seed(1234)
-        for label, inputs, call in BUILDERS[op](args.tiny, gen):
-            try:
-                ref = call(_cast(inputs, torch.float64, "cpu"), "reference").to(torch.float64)
-            except Exception as exc:  # noqa: BLE001 -- a reference that fails is itself a finding
-                summary["failed"] += 1
-                rec = {"op": op, "backend": "reference", "dtype": "fp64", "case": label, "ok": False,
-                       "error": f"{type(exc).__name__}: {exc}"}
-                report["cases"].append(rec)
-                summary["first_failure"] = summary["first_failure"] or rec
+        report["ops"][op] = {"implemented": list(implemented), "passed": 0, "failed": 0, "first_failure": None,
+                             "backends": [b for b in want_be if b in implemented and b in available],
+                             "max_rel": {}, "cases_run": 0}
+        queues[op] = list(BUILDERS[op](args.tiny, torch.Generator().manual_seed(1234)))
+    for k in range(max((len(q) for q in queues.values()), default=0)):
+        for op, queue in queues.items():
+            if k >= len(queue):
                 continue
-            for be in summary["backends"]:
-                for dtname in dtypes:
-                    if op in ("lira_scores",) and dtname in ("bf16", "fp16") and not args.all_dtypes:
-                        continue   # widened to fp32 by the op before any kernel: the fp32 case covers it
-                    rec = {"op": op, "backend": be, "dtype": dtname, "case": label}
-                    t0 = time.perf_counter()
-                    try:
-                        out = call(_cast(inputs, DTYPES[dtname], device), be)
-                        if device.type == "cuda":
-                            torch.cuda.synchronize()
-                        rec.update(_compare(out, ref, dtname))
-                    except Exception as exc:  # noqa: BLE001 -- recorded; the sweep goes on
-                        rec.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000],
-                                   trace=traceback.format_exc(limit=4)[-1500:])
-                        if device.type == "cuda" and "device-side assert" in str(exc):
-                            rec["note"] = "CUDA context lost: later cases on this device are unreliable"
-                    rec["seconds"] = round(time.perf_counter() - t0, 4)
-                    report["cases"].append(rec)
-                    key = f"{be}/{dtname}"
-                    if "rel" in rec:
-                        summary["max_rel"][key] = max(summary["max_rel"].get(key, 0.0), rec["rel"])
-                    if rec["ok"]:
-                        summary["passed"] += 1
-                    else:
-                        summary["failed"] += 1
-                        summary["first_failure"] = summary["first_failure"] or rec
             if args.budget and time.time() - t_start > args.budget:
-                report["stopped"] = f"budget of {args.budget} s reached during {op}"
+                report["stopped"] = f"budget of {args.budget} s reached; shape cases not run: " + ", ".join(
+                    f"{o} {len(q) - report['ops'][o]['cases_run']}" for o, q in queues.items())
                 break
+            _run_case(op, *queue[k], report, device, dtypes, args)
         if report.get("stopped"):
             break
     report["seconds"] = round(time.time() - t_start, 1)
@@ -286,7 +300,9 @@ def main(argv=None):
         if ff:
             print(f"    first failure: {ff['backend']} {ff['dtype']} {ff['case']}: "
                   f"{ff.get('error') or ff.get('why')}", file=sys.stderr)
-    return 1 if report["n_failed"] else 0
+    if report.get("stopped"):
+        print(f"  STOPPED: {report['stopped']}", file=sys.stderr)
+    return 1 if report["n_failed"] else 3 if report.get("stopped") else 0
 
 
 if __name__ == "__main__":
