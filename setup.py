@@ -14,6 +14,10 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# One C++ standard for the C++ and the CUDA sources (.ci/compile_cuda.sh reads this line): torch 2.13's
+# headers use C++20 constructs (gcc/nvcc only warn under C++17), torch >= 2.14 refuses C++17, and
+# torch's own cpp_extension defaults to C++20 since 2.12; torch 2.11's headers build under C++20 too.
+CXX_STD = "-std=c++20"
 
 
 def _flag(name):
@@ -45,12 +49,12 @@ def _extensions():
         sys.exit("BNMEM_FORCE_CUDA=1 but torch has no CUDA (torch.version.cuda=%r) or nvcc was not found "
                  "(CUDA_HOME=%r)" % (torch.version.cuda, CUDA_HOME))
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx = ["-O3", "-std=c++17"] + openmp
+    cxx = ["-O3", CXX_STD] + openmp
     define_macros = [("BNMEM_WITH_CUDA", "1"), ("BNMEM_ATEN_CUDA", "1")] if with_cuda else []
     if with_cuda:
         ext = CUDAExtension(
             "bnmem_kernels._C", cpp + cu, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", CXX_STD, "--expt-relaxed-constexpr", "-lineinfo"]},
             extra_link_args=openmp,
         )
     else:

@@ -67,11 +67,24 @@ def _check(x_pad, vals, idx, out_size, kernel_size, stride, dilation, groups):
             raise ValueError(f"out_size {tuple(osz)} exceeds the conv output of x_pad {tuple(x_pad.shape)} (already "
                              f"padded) with kernel_size {tuple(ks)}, stride {tuple(st)}, dilation {tuple(dil)}: "
                              f"dimension {d} can be at most {most}")
-    if idx.numel() and idx.device.type != "meta":
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= osz[0] * osz[1]:
-            raise ValueError(f"idx entries must lie in [0, Ho*Wo) = [0, {osz[0] * osz[1]}), got min {lo}, max {hi}")
     return osz, ks, st, dil
+
+
+def _check_idx_range(idx, osz, chosen):
+    """idx entries in [0, Ho*Wo). On CPU a ValueError with the range found. On a GPU without a host sync
+    (the exact chain calls this op 8 times per step): the cuda backend checks inside its kernel, the
+    others through an asynchronous device assert here; either fails the stream with this message, which
+    the next synchronizing call reports. No backend reads through an out-of-range entry."""
+    if not idx.numel() or idx.device.type == "meta":
+        return
+    n = osz[0] * osz[1]
+    if idx.device.type == "cpu":
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"idx entries must lie in [0, Ho*Wo) = [0, {n}), got min {lo}, max {hi}")
+    elif chosen != "cuda":
+        torch._assert_async(((idx >= 0) & (idx < n)).all(), f"pooled_conv_weight_grad: idx entries must lie in "
+                            f"[0, Ho*Wo) = [0, {n})")
 
 
 def pooled_conv_weight_grad(x_pad: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, out_size, kernel_size,
@@ -92,6 +105,7 @@ def pooled_conv_weight_grad(x_pad: torch.Tensor, vals: torch.Tensor, idx: torch.
     """
     osz, ks, st, dil = _check(x_pad, vals, idx, out_size, kernel_size, stride, dilation, groups)
     chosen = _backend.select_backend(OP, x_pad.device, backend)
+    _check_idx_range(idx, osz, chosen)
     if chosen == "reference":
         return _reference(x_pad, vals, idx, osz, ks, st, dil, groups)
     if chosen == "triton":

@@ -20,12 +20,17 @@ def _mm_nt(x, y, USE_DOT: tl.constexpr):
     USE_DOT: 0 = broadcast-and-reduce in fp64 (fp64 inputs), 1 = tl.dot (fp32 "ieee", fp16, bf16 with
     fp32 accumulation), 2 = tl.dot after upcasting to fp32 (bf16 in the Triton 3.9 CPU interpreter,
     whose bf16 tl.dot returns garbage).
+
+    One return at the end: the compiler rejects early returns inside `if`s, constexpr ones included
+    ("return types disagree"), which the CPU interpreter never sees (compile_check.py catches it).
     """
     if USE_DOT == 2:
-        return tl.dot(x.to(tl.float32), tl.trans(y.to(tl.float32)), input_precision="ieee")
-    if USE_DOT == 1:
-        return tl.dot(x, tl.trans(y), input_precision="ieee")
-    return tl.sum(x[:, None, :].to(tl.float64) * y[None, :, :].to(tl.float64), axis=2)
+        r = tl.dot(x.to(tl.float32), tl.trans(y.to(tl.float32)), input_precision="ieee")
+    elif USE_DOT == 1:
+        r = tl.dot(x, tl.trans(y), input_precision="ieee")
+    else:
+        r = tl.sum(x[:, None, :].to(tl.float64) * y[None, :, :].to(tl.float64), axis=2)
+    return r
 
 
 @triton.jit

@@ -16,7 +16,7 @@ from .ghost_norm_linear import _mm_nt
 
 
 @triton.jit
-def pooled_wgrad_kernel(x_ptr, v_ptr, i_ptr, out_ptr, N, BP, P, CIG, COG, K, WO, KH, KW, SH, SW, DH, DW,
+def pooled_wgrad_kernel(x_ptr, v_ptr, i_ptr, out_ptr, N, BP, P, CIG, COG, K, WO, HOWO, KH, KW, SH, SW, DH, DW,
                         sx_b, sx_c, sx_h, sx_w, sv_o, sv_n, sv_b, sv_p, si_b, si_o, si_p, so_n, so_o,
                         BN: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr,
                         USE_DOT: tl.constexpr, ACC: tl.constexpr):
@@ -38,6 +38,7 @@ def pooled_wgrad_kernel(x_ptr, v_ptr, i_ptr, out_ptr, N, BP, P, CIG, COG, K, WO,
             b = (rj // P).to(tl.int64)
             p = rj % P
             pos = tl.load(i_ptr + b * si_b + o * si_o + p * si_p, mask=jm, other=0)
+            jm = jm & (pos >= 0) & (pos < HOWO)   # never read through an out-of-range entry (the op asserts)
             oh = pos // WO
             ow = pos % WO
             x_j = b * sx_b + oh * SH * sx_h + ow * SW * sx_w                                        # [BJ]
@@ -68,7 +69,8 @@ def pooled_conv_weight_grad_triton(x_pad: torch.Tensor, vals: torch.Tensor, idx:
     BK = 16 if fp64 else 32
     BJ = 16 if fp64 else 32
     pooled_wgrad_kernel[(Co, triton.cdiv(K, BK))](
-        x_pad, vals, idx, out, N, B * P, P, cig, cog, K, out_size[1], KH, KW, stride[0], stride[1],
+        x_pad, vals, idx, out, N, B * P, P, cig, cog, K, out_size[1], out_size[0] * out_size[1], KH, KW,
+        stride[0], stride[1],
         dilation[0], dilation[1], *x_pad.stride(), *vals.stride(), *idx.stride(), out.stride(0), out.stride(1),
         BN=BN, BK=BK, BJ=BJ, USE_DOT=use_dot, ACC=tl.float64 if fp64 else tl.float32)
     return out

@@ -12,7 +12,10 @@
 #include <torch/library.h>
 
 #ifdef BNMEM_ATEN_CUDA
-#include <ATen/cuda/CUDAContext.h>
+// Only the stream and device-guard headers: ATen/cuda/CUDAContext.h would also pull in the cuBLAS,
+// cuSPARSE and cuSOLVER headers, which nothing here uses.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace bnmem {
@@ -26,7 +29,7 @@ namespace bnmem {
 
 inline cudaStream_t current_stream(const at::Tensor& t) {
 #ifdef BNMEM_ATEN_CUDA
-  return at::cuda::getCurrentCUDAStream(t.device().index()).stream();
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 #else
   (void)t;
   return nullptr;

@@ -7,6 +7,11 @@
 // global memory) and the stage's values of kTN kNPT seeds in shared memory, then every thread adds
 // its products; more seeds: another pass over the maxima. Writes dW once (no atomics, deterministic).
 // Any input strides; fp16/bf16 accumulate in fp32 and are stored in the input dtype.
+// idx is range-checked in the kernel, without a host sync: an entry outside [0, Ho*Wo) is never read
+// through (its window counts as zero), raises a device flag, and an asynchronous assert on that flag
+// fails the call's stream with the message below (the next synchronizing call reports it).
+#include <ATen/ops/_assert_async.h>
+#include <ATen/ops/eq.h>
 #include "cuda_utils.cuh"
 #include "../include/bnmem_common.h"
 #include "../include/pooled_conv_weight_grad_check.h"
@@ -22,13 +27,14 @@ constexpr int kSeeds = kTN * kNPT;      // seeds per pass: 32
 constexpr int kStage = 32;              // maxima per shared-memory stage
 
 struct PoolArgs {
-  int64_t N, B, P, BP, Cig, Cog, K, KH, KW, Wo, sh, sw, dh, dw;
+  int64_t N, B, P, BP, Cig, Cog, K, KH, KW, Wo, HoWo, sh, sw, dh, dw;
   int64_t sx[4], sv[4], si[3], so_n, so_o;
 };
 
 template <typename scalar_t, typename acc_t>
 __global__ void pooled_wgrad_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ vals,
-                                    const int64_t* __restrict__ idx, scalar_t* __restrict__ out, PoolArgs a) {
+                                    const int64_t* __restrict__ idx, scalar_t* __restrict__ out, int* bad,
+                                    PoolArgs a) {
   __shared__ acc_t win[kStage][kTK + 1];
   __shared__ acc_t vs[kStage][kSeeds + 1];
   __shared__ int64_t corner[kStage];
@@ -49,7 +55,11 @@ __global__ void pooled_wgrad_kernel(const scalar_t* __restrict__ x, const scalar
         if (j < a.BP) {
           const int64_t b = j / a.P, p = j % a.P;
           const int64_t pos = idx[b * a.si[0] + o * a.si[1] + p * a.si[2]];
-          off = b * a.sx[0] + (pos / a.Wo) * a.sh * a.sx[2] + (pos % a.Wo) * a.sw * a.sx[3];
+          if (pos >= 0 && pos < a.HoWo) {
+            off = b * a.sx[0] + (pos / a.Wo) * a.sh * a.sx[2] + (pos % a.Wo) * a.sw * a.sx[3];
+          } else {
+            atomicExch(bad, 1);
+          }
         }
         corner[tid] = off;
       }
@@ -101,12 +111,10 @@ at::Tensor pooled_conv_weight_grad_cuda(const at::Tensor& x, const at::Tensor& v
   if (out.numel() == 0) return out;
   if (x.size(0) == 0 || vals.size(3) == 0) return out.zero_();
   const int64_t HoWo = out_size[0] * out_size[1];
-  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < HoWo, "bnmem::pooled_conv_weight_grad: idx entries must lie in [0, Ho*Wo) = [0, ", HoWo,
-              "), got min ", lo, ", max ", hi);
+  at::Tensor bad = at::zeros({1}, x.options().dtype(at::kInt));
   PoolArgs a;
   a.N = N, a.B = x.size(0), a.P = vals.size(3), a.BP = a.B * a.P, a.Cig = Cig, a.Cog = Co / groups;
-  a.KH = kernel_size[0], a.KW = kernel_size[1], a.K = Cig * a.KH * a.KW, a.Wo = out_size[1];
+  a.KH = kernel_size[0], a.KW = kernel_size[1], a.K = Cig * a.KH * a.KW, a.Wo = out_size[1], a.HoWo = HoWo;
   a.sh = stride[0], a.sw = stride[1], a.dh = dilation[0], a.dw = dilation[1];
   for (int d = 0; d < 4; ++d) a.sx[d] = x.stride(d), a.sv[d] = vals.stride(d);
   for (int d = 0; d < 3; ++d) a.si[d] = idx.stride(d);
@@ -118,9 +126,10 @@ at::Tensor pooled_conv_weight_grad_cuda(const at::Tensor& x, const at::Tensor& v
     using acc_t = typename AccOf<scalar_t>::type;
     pooled_wgrad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, current_stream(x)>>>(
         x.const_data_ptr<scalar_t>(), vals.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
-        out.data_ptr<scalar_t>(), a);
+        out.data_ptr<scalar_t>(), bad.data_ptr<int>(), a);
   });
   BNMEM_CUDA_CHECK(cudaGetLastError());
+  at::_assert_async(bad.eq(0), "bnmem::pooled_conv_weight_grad: idx entries must lie in [0, Ho*Wo)");
   return out;
 }
 

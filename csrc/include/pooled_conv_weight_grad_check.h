@@ -1,6 +1,6 @@
 // pooled_conv_weight_grad: the input checks shared by the CPU and CUDA implementations (host side).
 // Light ATen headers only (the .cu file includes this too). The idx range [0, Ho*Wo) is checked by
-// each implementation (CPU: while reading idx; CUDA: min/max on the device).
+// each implementation (CPU: while reading idx; CUDA: in the kernel, reported by an asynchronous assert).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
