@@ -23,13 +23,20 @@ Routes (`loo_report` returns which ran and why; `loo_influence` the numbers only
   couples the samples), and every parameter module is a Linear, Conv1d/2d or BatchNorm/GroupNorm/
   LayerNorm.
 - "stacked": the B reduced batches as groups of ONE batch of g * (B - 1) samples (g groups per
-  pass, `max_chunk`); BatchNorm normalizes each group with that group's statistics (a torch
-  function mode replaces F.batch_norm), everything else is per sample. One backward per pass to the
-  outputs of the parameter modules; the per-group parameter gradients come from those output
-  gradients G and the module inputs A (Linear: one bmm; Conv: torch's weight-gradient kernel with
-  the groups folded into its channel groups; norm affine: sums of G * xhat), and only
-  || grad L(X) - group gradient ||^2 per parameter is kept. Checked: the first group's losses must
-  equal a direct forward of its reduced batch (else another module couples samples: next route).
+  pass, `max_chunk`), sample-major (row k * g + group). A torch function mode replaces
+  F.batch_norm: [m * g, C, ...] viewed as [m, g * C, ...] is one fused BatchNorm in which every
+  (group, channel) has its own statistics, with gamma/beta repeated per group as leaves, so the
+  fused backward hands back every group's dgamma/dbeta. Everything else is per sample. One backward
+  per pass, to zero taps on the bottom modules' outputs only (no weight gradient of the summed
+  loss is formed); tensor hooks keep the gradient G at every parameter module's output, and the
+  per-group gradients come from G and the module input A (Linear: one bmm; Conv: torch's
+  weight-gradient kernel with the groups folded into its channel groups, a free view in this
+  layout; GroupNorm/LayerNorm/eval BatchNorm: sums of G * xhat). Only
+  || grad L(X) - group gradient ||^2 per parameter is kept. Checked on the first pass of >= 2
+  groups: its first group's losses must equal a direct forward of that reduced batch (else a module
+  other than BatchNorm mixes the samples, and with them the groups: next route).
+  Cost: the loop's flops (B passes of B - 1 samples are inherent: every activation above the first
+  BatchNorm changes with the statistics), in g-times larger ops and B / g Python-level passes.
 - "vmap": torch.func.vmap over the removal index of torch.func.grad of the reduced-batch loss
   (BatchNorm's running statistics left out inside, dropout masks gathered by the index): any
   module with batching rules.
@@ -45,6 +52,7 @@ training flags, hooks, RNG state.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -386,6 +394,52 @@ def _default_groups(caps, B, budget_mb):
     return max(1, min(B, (budget_mb << 20) // per_group))
 
 
+_CONV_LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _record_bottom(model, handles, bottom):
+    """Forward hooks keeping (input, output) of every Linear/Conv whose input needs no gradient (nothing
+    below it is trained): {module: (x [B, ...], out [B, ...])}; a module called twice is dropped."""
+    def hook(module, args, output):
+        if module in bottom:
+            bottom[module] = None
+        elif (len(args) == 1 and isinstance(args[0], torch.Tensor) and not args[0].requires_grad
+              and isinstance(output, torch.Tensor)):
+            bottom[module] = (args[0], output.detach())
+    for _, m in _param_modules(model):
+        if isinstance(m, _CONV_LINEAR) and type(m).forward is _base_forward(m) and "forward" not in m.__dict__:
+            handles.append(m.register_forward_hook(hook))
+
+
+@contextlib.contextmanager
+def _shared_bottom(model, bottom, mode, report):
+    """Layers below the first BatchNorm see the same samples in every reduced batch: in the stacked passes a
+    bottom Linear/Conv returns its full-batch output gathered at the pass's rows (mode.keep) instead of
+    recomputing it, whenever its input is exactly the full-batch input gathered there (checked: torch.equal)."""
+    patched = []
+
+    def make(module, x_full, out_full):
+        def forward(x):
+            k = mode.keep
+            if (k is not None and k.dim() == 1 and x.shape[0] == k.shape[0] and x.shape[1:] == x_full.shape[1:]
+                    and torch.equal(x, x_full[k])):
+                report["shared_bottom"] = True
+                # a leaf requiring grad, like the layer's own output: the hooks tap it and keep its gradient
+                return out_full[k].requires_grad_(any(p.requires_grad for p in module.parameters(recurse=False)))
+            return type(module).forward(module, x)
+        return forward
+
+    try:
+        for module, rec in bottom.items():
+            if rec is not None:
+                module.forward = make(module, *rec)
+                patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            module.__dict__.pop("forward", None)
+
+
 def _stacked(model, loss_fn, args, targets, B, names, D, acc, mode, losses_full, max_chunk, report):
     mods = _param_modules(model)
     _require_known(mods, "per-group gradient")
@@ -535,7 +589,10 @@ def loo_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=None
     rng = _rng_state(args[0].device)
     try:
         with preserved_model_state(model), torch.enable_grad(), _LooMode() as mode:
-            losses = check_losses(loss_fn(model(*args), targets), B)      # records the dropout masks
+            bottom: dict = {}
+            with temporary_hooks() as handles:      # the bottom layers' full-batch input and output (stacked)
+                _record_bottom(model, handles, bottom)
+                losses = check_losses(loss_fn(model(*args), targets), B)  # records the dropout masks
             full = torch.autograd.grad(losses.mean(), params, allow_unused=True)
             D = {n: (torch.zeros_like(p) if g is None else g.detach()) for n, p, g in zip(names, params, full)}
             del full
@@ -550,8 +607,9 @@ def loo_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=None
                             raise _Refused("a BatchNorm uses batch statistics (the samples are coupled)")
                         sq = _closed_form(model, loss_fn, args, targets, B, names, D, acc, mode, losses)
                     elif r == "stacked":
-                        sq = _stacked(model, loss_fn, args, targets, B, names, D, acc, mode, losses, max_chunk,
-                                      report)
+                        with _shared_bottom(model, bottom, mode, report):
+                            sq = _stacked(model, loss_fn, args, targets, B, names, D, acc, mode, losses,
+                                          max_chunk, report)
                     elif r == "vmap":
                         sq = _vmap(model, loss_fn, args, targets, B, names, D, acc, mode, max_chunk)
                     else:
