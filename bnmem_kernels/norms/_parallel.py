@@ -53,12 +53,15 @@ def pass_workers(device) -> int:
     return max(1, torch.get_num_threads())
 
 
-def map_passes(fn, items, device) -> list:
+def map_passes(fn, items, device, workers=None) -> list:
     """[fn(item) for item in items], the calls spread over pass_workers(device) threads (items
     interleaved over the workers; at least MIN_PASSES_PER_WORKER each, else fewer workers or a plain
-    loop) with one intra-op thread each; results in the order of items. fn must not call map_passes."""
+    loop) with one intra-op thread each; results in the order of items. fn must not call map_passes.
+    `workers`: at most this many worker threads (1: a plain loop with torch's own intra-op threads)."""
     items = list(items)
     W = min(pass_workers(device), len(items) // MIN_PASSES_PER_WORKER)
+    if workers is not None:
+        W = min(W, workers)
     if W <= 1:
         return [fn(it) for it in items]
     with _POOLS_LOCK:     # the first of concurrent calls saves torch's thread count, the last restores it

@@ -44,7 +44,11 @@ num_batches_tracked, .grad, hooks).
 """
 from __future__ import annotations
 
+import os
+import threading
+import time
 import warnings
+import weakref
 
 import torch
 
@@ -84,105 +88,282 @@ def _set_rng(state):
         torch.cuda.set_rng_state(cuda[1], cuda[0])
 
 
+PATHS = ("auto", "chain", "coupled", "seed_batched", "loop")
+# auto: how many timed calls of each candidate engine before the choice is fixed (the minimum counts)
+SELECT_TRIALS = 2
+# a candidate slower than this multiple of the best so far after one trial gets no second one
+SELECT_GIVE_UP = 2.0
+
+
+class _Selection:
+    """What auto knows about one (model structure, inputs, threads) key: the candidate engines, their
+    timed calls, the choice once every live candidate has had its trials."""
+
+    def __init__(self):
+        self.times: dict = {}       # engine -> [seconds of each timed call]
+        self.dead: dict = {}        # engine -> why it cannot run here
+        self.order: list = []       # candidates, in the order they are tried
+        self.choice = None
+        self.calls = 0
+
+    def start(self, first, report, device):
+        """After the first (static) call: the candidates the static rule left alive."""
+        cands = ["chain", "coupled", "seed_batched", "loop"]
+        from ._parallel import pass_workers
+
+        if "chain" in report:
+            self.dead["chain"] = report["chain"]
+        reason = report.get("reason", "")
+        if first == "seed_batched" and reason:
+            self.dead["coupled"] = reason     # policy (plan not cheaper) or refusal
+        if torch.device(device).type == "cpu" and pass_workers(device) <= 1:
+            self.dead["loop"] = "one pass worker: the seed_batched engine is the plain loop"
+        self.order = [first] + [c for c in cands if c != first and c not in self.dead]
+
+    def next_engine(self):
+        """The engine for this call: the choice, else the next candidate short of its trials."""
+        if self.choice is not None:
+            return self.choice
+        live = [e for e in self.order if e not in self.dead]
+        best = min((min(t) for e, t in self.times.items() if t and e not in self.dead), default=None)
+        for trial in range(1, SELECT_TRIALS + 1):
+            for e in live:
+                t = self.times.get(e, [])
+                if len(t) >= trial:
+                    continue
+                if t and best is not None and min(t) > SELECT_GIVE_UP * best:
+                    continue                    # clearly slower: no second trial
+                return e
+        timed = {e: min(self.times[e]) for e in live if self.times.get(e)}
+        self.choice = min(timed, key=timed.get) if timed else None
+        return self.choice
+
+    def why(self, engine):
+        ms = {e: round(1e3 * min(t), 2) for e, t in self.times.items() if t}
+        if self.choice is not None:
+            return (f"timed: {engine} was the fastest of the engines tried on this model and batch "
+                    f"(best ms per call {ms}; not run here: {self.dead or 'none'})")
+        return f"exploring: timing {engine} (best ms so far {ms}); the fastest is kept once each has run"
+
+
+_SELECTIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SEL_LOCK = threading.Lock()
+
+
+def reset_exact_selection(model=None) -> None:
+    """Forget what auto timed (for `model`, or for every model)."""
+    with _SEL_LOCK:
+        if model is None:
+            _SELECTIONS.clear()
+        else:
+            _SELECTIONS.pop(model, None)
+
+
+def _selection_key(model, args, targets, max_chunk, backend, per_layer):
+    """What makes two calls the same problem for the engines: the module structure (types, parameter
+    shapes and flags, hooks), input shapes/dtypes/devices, targets' shape, threads and options."""
+    mods = []
+    for name, m in model.named_modules():
+        hooks = sum(len(getattr(m, h, ())) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                                      "_backward_pre_hooks"))
+        ps = tuple((tuple(p.shape), p.dtype, p.requires_grad) for p in m.parameters(recurse=False))
+        mods.append((name, type(m), ps, hooks, "forward" in m.__dict__))
+    ins = tuple((tuple(a.shape), a.dtype, str(a.device)) for a in args)
+    tgt = (tuple(targets.shape), targets.dtype) if isinstance(targets, torch.Tensor) else type(targets)
+    return (tuple(mods), ins, tgt, torch.get_num_threads(), max_chunk, backend, per_layer)
+
+
+def _selection_mode() -> str:
+    mode = os.environ.get("BNMEM_EXACT_AUTO", "timed")
+    if mode not in ("timed", "static"):
+        raise ValueError(f"BNMEM_EXACT_AUTO must be 'timed' or 'static', got {mode!r}")
+    return mode
+
+
 def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=None, max_chunk=None,
                  path="auto", route=None):
-    """Run mode="exact" and return (result, report): report = {"path": "coupled" | "seed_batched",
-    "reason": why the general engine ran ("" otherwise; "policy: ..." when the coupled plan would
-    need no fewer backward passes than the seed loop on CPU, where passes are not batched),
-    "chunk": ..., "routes": per BatchNorm call, "passes": backward passes of the coupled plan}.
+    """Run mode="exact" and return (result, report): report = {"path": the engine that ran ("chain" |
+    "coupled" | "seed_batched" | "loop"), "why": why that engine, "reason": why the general engine ran
+    ("" otherwise; "policy: ..." when the coupled plan would need no fewer backward passes than the
+    seed loop on CPU, where passes are not batched), "chunk": ..., "routes": per BatchNorm call,
+    "passes": backward passes of the coupled plan, "chain": why the chain engine did not apply}.
 
-    `path`: "auto" (chain, else coupled, falling back when it refuses), "chain" / "coupled" (raise
-    instead of falling back) or "seed_batched". `route`: None, "B" or "S" (force the coupled path's route; tests).
+    `path`: "auto" (see the module doc: the static rule on the first call of a model and batch, then
+    the fastest engine by timing), "chain" / "coupled" (raise instead of falling back), "seed_batched"
+    or "loop" (the autograd loop: one forward, one backward pass per sample). `route`: None, "B" or "S"
+    (force the coupled path's route; tests).
     """
-    from .exact_chain import ChainUnsupported, chain_layers, chain_sq_norms
-    from .exact_coupled import (NotCheaper, Unsupported, batched_seeds_default, coupled_sq_norms,
-                                 policy_precheck)
-    from .exact_fallback import seed_batched_sq_norms
-
     args, B = check_call(model, loss_fn, inputs, targets, "exact", max_chunk, per_layer)
     if backend is not None and backend != "auto" and backend not in _backend.BACKENDS:
         raise ValueError(f"unknown backend={backend!r}; choose one of {_backend.BACKENDS} or 'auto'")
-    if path not in ("auto", "chain", "coupled", "seed_batched"):
-        raise ValueError(f"path must be 'auto', 'chain', 'coupled' or 'seed_batched', got {path!r}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     named = trainable_parameters(model)
     names = [n for n, _ in named]
     params = [p for _, p in named]
     out_dtype = result_dtype(model)
     acc = _acc(out_dtype)
     chunk = min(B, max_chunk or DEFAULT_CHUNK)
-    report = {"path": None, "reason": "", "chunk": chunk}
-    sq = None
+    sel = None
+    if path == "auto" and route is None and _selection_mode() == "timed":
+        key = _selection_key(model, args, targets, max_chunk, backend, per_layer)
+        with _SEL_LOCK:
+            per_model = _SELECTIONS.setdefault(model, {})
+            sel = per_model.get(key)
+            if sel is None:
+                sel = per_model[key] = _Selection()
+    t0 = time.perf_counter()
+    first_call = False
     with preserved_model_state(model), torch.enable_grad():
-        if path in ("auto", "chain") and route is None:
-            # a Sequential chain of known layers: the hand-written seed-batched backward (exact_chain.py)
-            rng = None
-            try:
-                layers = chain_layers(model)
-                set_mode(model, "exact")
-                rng = _get_rng(args[0].device)
-                if len(args) != 1:
-                    raise ChainUnsupported(f"{len(args)} inputs (a chain takes one)")
-                ch = min(B, max_chunk) if max_chunk else chain_default_chunk(B)
-                sq, info = chain_sq_norms(layers, loss_fn, args[0], targets, names, params, acc, B, ch, backend)
-                if sq is None:
-                    check_losses(info["losses"], B)
-                report.update(info)
-                report["path"], path = "chain", "done"
-            except ChainUnsupported as exc:
-                if path == "chain":
-                    raise
-                report["chain"] = str(exc)        # not a chain this engine models: the other paths
-                if rng is not None:
-                    _set_rng(rng)                 # the next forward draws the very same dropout masks
-        if path in ("auto", "coupled"):
-            set_mode(model, "exact")
+        sq = report = None
+        engine = sel.next_engine() if sel is not None and sel.calls else None
+        if engine is not None:
             rng = _get_rng(args[0].device)
-            # on CPU the passes run one by one and cost what the loop's do: the coupled path only
-            # pays off when its plan needs fewer passes than B (S-route rows, closed forms)
-            policy = path == "auto" and not batched_seeds_default(args[0].device)
-            if policy and route is None:
-                # decided on one plain forward whose losses the loop then uses (one forward in all;
-                # native BatchNorm nodes make the seed passes cheaper than the coupled graph's)
-                losses, why = policy_precheck(model, loss_fn, args, targets, names, params, B)
-                if why is not None:
-                    check_losses(losses, B)
-                    report["reason"] = f"policy: {why}"
-                    sq = seed_batched_sq_norms(losses, names, params, acc, chunk)
-                    report["path"] = "seed_batched"
-                    path = "done"
-                else:
-                    del losses
-                    _set_rng(rng)       # the coupled forward draws the very same dropout masks
-        if path in ("auto", "coupled"):
             try:
-                sq, info = coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk, route,
-                                            only_if_fewer_passes=policy)
-                if sq is None:
-                    check_losses(info["losses"], B)
-                report.update(info)
-                report["path"] = "coupled"
-            except NotCheaper as exc:
-                # the seed loop on a plain forward: its passes through native BatchNorm nodes are ~25%
-                # cheaper than through the coupled graph's; the RNG goes back to where the coupled
-                # forward started, so this forward draws the very same dropout masks
-                report["reason"] = f"policy: {exc}"
+                sq, report = _run(engine, model, loss_fn, args, targets, names, params, acc, B, chunk, max_chunk,
+                                  backend, None, timed_auto=True)
+                report["why"] = sel.why(engine)
+            except _NotCheaperHere as exc:      # the coupled plan: no fewer passes than the loop
+                sel.dead[engine] = str(exc)
+                sq, report = exc.result
+                report["why"] = f"exploring: {exc}; the seed loop ran on the same forward"
+                sel = None                      # not a clean timing of either engine
+            except _Refused as exc:             # e.g. a hook added since: the static rule below
+                sel.dead[engine] = str(exc)
+                sel.choice = None
                 _set_rng(rng)
-            except Unsupported as exc:
-                if path == "coupled":
-                    raise
-                report["reason"] = str(exc)
-                warnings.warn(f"bnmem exact mode: the coupled fast path does not apply ({exc}); running the general "
-                              "seed-batched engine (same numbers, slower)", ExactFallbackWarning, stacklevel=3)
         if sq is None:
-            set_mode(model, "exact")
-            # after a refusal the RNG has moved on: this forward draws its own dropout masks (exact
-            # for them, as one fresh forward is)
-            losses = check_losses(loss_fn(model(*args), targets), B)
-            sq = seed_batched_sq_norms(losses, names, params, acc, chunk)
-            report["path"] = "seed_batched"
+            sq, report = _run(path, model, loss_fn, args, targets, names, params, acc, B, chunk, max_chunk,
+                              backend, route)
+            if path != "auto":
+                report["why"] = f"path={path!r} asked for"
+            elif report["path"] == "chain":
+                report["why"] = "static rule: a chain of layers the chain engine models"
+            else:
+                report["why"] = (f"static rule: not a chain ({report.get('chain')}); "
+                                 + (report["reason"] or f"the coupled plan needs {report.get('passes')} passes < B"))
+            if sel is not None and not sel.calls:
+                sel.start(report["path"], report, args[0].device)
+                report["why"] += "; later calls on this model and batch time the other engines"
+                first_call = True       # its time holds one-time costs (imports, buffers): not recorded
+    elapsed = time.perf_counter() - t0
+    if sel is not None:
+        with _SEL_LOCK:
+            sel.calls += 1
+            if report["path"] not in sel.dead and not first_call:
+                sel.times.setdefault(report["path"], []).append(elapsed)
+    report["seconds"] = elapsed
     total = torch.stack(list(sq.values())).sum(0).sqrt().to(out_dtype)
     result = total if not per_layer else (total, {n: v.sqrt().to(out_dtype) for n, v in sq.items()})
     return result, report
+
+
+class _Refused(Exception):
+    """A forced engine (auto's timed choice) did not apply to this call."""
+
+
+class _NotCheaperHere(_Refused):
+    def __init__(self, message, result):
+        super().__init__(message)
+        self.result = result
+
+
+def _run(path, model, loss_fn, args, targets, names, params, acc, B, chunk, max_chunk, backend, route,
+         timed_auto=False):
+    """(sq, report) of one engine (`path` forced) or of the static rule (path="auto"). Caller holds
+    preserved_model_state and enable_grad. timed_auto: a refusal raises _Refused (auto's timed choice
+    did not apply; the caller rewinds the RNG and runs the static rule)."""
+    from .exact_chain import ChainUnsupported, chain_layers, chain_sq_norms
+    from .exact_coupled import (NotCheaper, Unsupported, batched_seeds_default, coupled_sq_norms,
+                                 policy_precheck)
+    from .exact_fallback import seed_batched_sq_norms
+
+    report = {"path": None, "reason": "", "chunk": chunk}
+    sq = None
+    if path == "loop":
+        set_mode(model, "exact")
+        losses = check_losses(loss_fn(model(*args), targets), B)
+        sq = seed_batched_sq_norms(losses, names, params, acc, chunk, batched=False, workers=1)
+        report["path"] = "loop"
+        return sq, report
+    if path in ("auto", "chain") and route is None:
+        # a Sequential chain of known layers: the hand-written seed-batched backward (exact_chain.py)
+        rng = None
+        try:
+            layers = chain_layers(model)
+            set_mode(model, "exact")
+            rng = _get_rng(args[0].device)
+            if len(args) != 1:
+                raise ChainUnsupported(f"{len(args)} inputs (a chain takes one)")
+            ch = min(B, max_chunk) if max_chunk else chain_default_chunk(B)
+            sq, info = chain_sq_norms(layers, loss_fn, args[0], targets, names, params, acc, B, ch, backend)
+            if sq is None:
+                check_losses(info["losses"], B)
+            report.update(info)
+            report["path"], path = "chain", "done"
+        except ChainUnsupported as exc:
+            if timed_auto:
+                raise _Refused(str(exc)) from exc
+            if path == "chain":
+                raise
+            report["chain"] = str(exc)        # not a chain this engine models: the other paths
+            if rng is not None:
+                _set_rng(rng)                 # the next forward draws the very same dropout masks
+    policy = False
+    if path in ("auto", "coupled"):
+        set_mode(model, "exact")
+        rng = _get_rng(args[0].device)
+        # on CPU the passes run one by one and cost what the loop's do: the coupled path only
+        # pays off when its plan needs fewer passes than B (S-route rows, closed forms)
+        policy = (path == "auto" or timed_auto) and not batched_seeds_default(args[0].device)
+        if policy and route is None and not timed_auto:
+            # decided on one plain forward whose losses the loop then uses (one forward in all;
+            # native BatchNorm nodes make the seed passes cheaper than the coupled graph's)
+            losses, why = policy_precheck(model, loss_fn, args, targets, names, params, B)
+            if why is not None:
+                check_losses(losses, B)
+                report["reason"] = f"policy: {why}"
+                sq = seed_batched_sq_norms(losses, names, params, acc, chunk)
+                report["path"] = "seed_batched"
+                path = "done"
+            else:
+                del losses
+                _set_rng(rng)       # the coupled forward draws the very same dropout masks
+    if path in ("auto", "coupled"):
+        try:
+            sq, info = coupled_sq_norms(model, loss_fn, args, targets, names, params, acc, B, chunk, route,
+                                        only_if_fewer_passes=policy)
+            if sq is None:
+                check_losses(info["losses"], B)
+            report.update(info)
+            report["path"] = "coupled"
+        except NotCheaper as exc:
+            # the seed loop on a plain forward: its passes through native BatchNorm nodes are ~25%
+            # cheaper than through the coupled graph's; the RNG goes back to where the coupled
+            # forward started, so this forward draws the very same dropout masks
+            report["reason"] = f"policy: {exc}"
+            _set_rng(rng)
+            if timed_auto:
+                set_mode(model, "exact")
+                losses = check_losses(loss_fn(model(*args), targets), B)
+                report["path"] = "seed_batched"
+                raise _NotCheaperHere(str(exc), (seed_batched_sq_norms(losses, names, params, acc, chunk), report))
+        except Unsupported as exc:
+            if timed_auto:
+                raise _Refused(str(exc)) from exc
+            if path == "coupled":
+                raise
+            report["reason"] = str(exc)
+            warnings.warn(f"bnmem exact mode: the coupled fast path does not apply ({exc}); running the general "
+                          "seed-batched engine (same numbers, slower)", ExactFallbackWarning, stacklevel=4)
+    if sq is None:
+        set_mode(model, "exact")
+        # after a refusal the RNG has moved on: this forward draws its own dropout masks (exact
+        # for them, as one fresh forward is)
+        losses = check_losses(loss_fn(model(*args), targets), B)
+        sq = seed_batched_sq_norms(losses, names, params, acc, chunk)
+        report["path"] = "seed_batched"
+    return sq, report
 
 
 def exact_per_sample_grad_norms(model, loss_fn, inputs, targets, *, per_layer=False, backend=None,
