@@ -6,13 +6,15 @@
 g_i = d l_i(theta; X) / d theta with BatchNorm in train mode (batch statistics), the numbers of
 the autograd loop `reference.per_sample_grad_norms(..., mode="exact")`, in bounded memory.
 
-Paths (`exact_report` says which ran and why):
+Paths (`exact_report` says which ran and why: report["path"], report["why"]):
 - "chain" (exact_chain.py): an nn.Sequential of known layers (Conv2d, Linear, BatchNorm1d/2d,
-  elementwise activations, dropout, max/avg pooling, Flatten). A hand-written backward of all seeds
+  elementwise activations, dropout, max/avg pooling, Flatten), or any module whose forward torch.fx
+  traces to such a straight line (functional relu/pools/flatten read as their modules; the chain's
+  output is checked against model(x) before use). A hand-written backward of all seeds
   at once: the per-sample part as one batch backward, BatchNorm's coupling part per chunk of seeds
   in closed forms (affine terms under each BatchNorm, the gradient on a max pool's maxima only).
-  Tried first by "auto"; a model it does not model goes on to the paths below (report["chain"]
-  says why), with no warning: it is a choice of engine, not a change of numbers.
+  A model it does not model goes on to the paths below (report["chain"] says why), with no
+  warning: it is a choice of engine, not a change of numbers.
 - "coupled" (exact_coupled.py): BatchNorm statistics as variables, g_i = f_i + J^T v_i; the
   per-sample part by torch.func.vmap over samples, J^T v_i by seed-batched backward passes of the
   statistics only (or J's 2C rows per BatchNorm when 2C < B). Taken whenever it can vouch for the
@@ -25,6 +27,19 @@ Paths (`exact_report` says which ran and why):
   e.g. a 3-conv BN-CNN at B = 64, where the coupled plan needs 64 passes, but not at B = 256). That
   decision is read off one plain forward (exact_coupled.policy_precheck: the same plan_routes on the
   same graph facts), whose losses the loop then uses: one forward in all, as the loop's own.
+- "loop": the autograd loop itself (one forward, one backward pass per sample with all of torch's
+  intra-op threads, no worker threads); a legitimate route where it is the fastest.
+
+path="auto" (the default): the first call on a model and batch runs the static rule (chain, else
+coupled when its plan needs fewer passes than B, else seed_batched, as above). Later calls on the same
+problem (same model object, module structure and hooks, input shapes and dtypes, thread count,
+options) time the other candidate engines (SELECT_TRIALS calls each, one where a first call was more
+than SELECT_GIVE_UP x the best) and then keep the fastest: "never slower than the loop" by
+measurement, since the loop is a candidate. Timed by wall clock, or by CPU time where everything runs
+on one thread (steadier on a shared machine). The chain engine's buffers are checked after each of its
+runs: above CHAIN_ARENA_RATIO x the activations of a plain step its chunk shrinks on the next calls
+(the first call may exceed it). BNMEM_EXACT_AUTO=static keeps the static rule on every call;
+reset_exact_selection() forgets the timings. Each exploring call gives the loop's numbers too.
 All give the loop's numbers (the paths differ only by rounding); none changes numbers silently.
 
 Dropout: one forward means one mask. Both paths use the masks of their single batch forward,
@@ -53,8 +68,8 @@ import weakref
 import torch
 
 from .. import _backend
-from ._checks import check_call, check_losses, result_dtype, trainable_parameters
-from ._state import preserved_model_state, set_mode
+from ._checks import check_call, check_losses
+from ._state import set_mode
 
 DEFAULT_CHUNK = 16
 # seeds per chunk of the chain engine when max_chunk is None: memory grows with it, speed up to ~16
@@ -93,6 +108,10 @@ PATHS = ("auto", "chain", "coupled", "seed_batched", "loop")
 SELECT_TRIALS = 2
 # a candidate slower than this multiple of the best so far after one trial gets no second one
 SELECT_GIVE_UP = 2.0
+# the chain engine's large buffers (its workspace arena) may hold at most this multiple of the activations
+# a plain step keeps (so that its peak stays within ~4x a plain step's); above it, auto runs it with fewer
+# seeds per chunk on the next calls (measured, per model and batch)
+CHAIN_ARENA_RATIO = 2.5
 
 
 class _Selection:
@@ -105,6 +124,23 @@ class _Selection:
         self.order: list = []       # candidates, in the order they are tried
         self.choice = None
         self.calls = 0
+        self.chain_chunk = None     # seeds per chunk of the chain engine when its default used too much memory
+
+    def chain_memory(self, report):
+        """After a chain run: if its buffers exceeded CHAIN_ARENA_RATIO x the activations, the chunk for the
+        next calls shrinks in proportion (and its timings so far are dropped); at one seed, it is out."""
+        ratio = report.get("arena_bytes", 0) / max(report.get("act_bytes", 1), 1)
+        if ratio <= CHAIN_ARENA_RATIO:
+            return True
+        used = report.get("chunk", 1)
+        if used <= 1:
+            self.dead["chain"] = f"memory: its buffers {ratio:.1f}x the activations at one seed per chunk"
+            return False
+        self.chain_chunk = max(1, int(used * CHAIN_ARENA_RATIO / ratio))
+        self.times.pop("chain", None)
+        if self.choice == "chain":
+            self.choice = None
+        return False
 
     def start(self, first, report, device):
         """After the first (static) call: the candidates the static rule left alive."""
@@ -159,18 +195,15 @@ def reset_exact_selection(model=None) -> None:
             _SELECTIONS.pop(model, None)
 
 
-def _selection_key(model, args, targets, max_chunk, backend, per_layer):
-    """What makes two calls the same problem for the engines: the module structure (types, parameter
-    shapes and flags, hooks), input shapes/dtypes/devices, targets' shape, threads and options."""
-    mods = []
-    for name, m in model.named_modules():
-        hooks = sum(len(getattr(m, h, ())) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                                                      "_backward_pre_hooks"))
-        ps = tuple((tuple(p.shape), p.dtype, p.requires_grad) for p in m.parameters(recurse=False))
-        mods.append((name, type(m), ps, hooks, "forward" in m.__dict__))
+def _selection_key(plan, args, targets, max_chunk, backend, per_layer):
+    """What makes two calls the same problem for the engines: the module structure (the plan's
+    fingerprint: modules, parameters, dtypes, patched forwards), the hooks, input shapes/dtypes/devices,
+    targets' shape, threads and options."""
+    hooks = tuple(len(d) for m in plan.modules for d in (m._forward_hooks, m._forward_pre_hooks,
+                                                          m._backward_hooks, m._backward_pre_hooks))
     ins = tuple((tuple(a.shape), a.dtype, str(a.device)) for a in args)
     tgt = (tuple(targets.shape), targets.dtype) if isinstance(targets, torch.Tensor) else type(targets)
-    return (tuple(mods), ins, tgt, torch.get_num_threads(), max_chunk, backend, per_layer)
+    return (plan.fingerprint, hooks, ins, tgt, torch.get_num_threads(), max_chunk, backend, per_layer)
 
 
 def _selection_mode() -> str:
@@ -198,29 +231,41 @@ def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=No
         raise ValueError(f"unknown backend={backend!r}; choose one of {_backend.BACKENDS} or 'auto'")
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    named = trainable_parameters(model)
+    from .onepass import model_plan, plan_preserved_state
+
+    plan = model_plan(model)                  # modules, trainable names, buffers: cached between calls
+    named = plan.named
     names = [n for n, _ in named]
     params = [p for _, p in named]
-    out_dtype = result_dtype(model)
+    out_dtype = params[0].dtype               # (_checks.result_dtype)
     acc = _acc(out_dtype)
     chunk = min(B, max_chunk or DEFAULT_CHUNK)
     sel = None
     if path == "auto" and route is None and _selection_mode() == "timed":
-        key = _selection_key(model, args, targets, max_chunk, backend, per_layer)
+        key = _selection_key(plan, args, targets, max_chunk, backend, per_layer)
         with _SEL_LOCK:
             per_model = _SELECTIONS.setdefault(model, {})
             sel = per_model.get(key)
             if sel is None:
                 sel = per_model[key] = _Selection()
-    t0 = time.perf_counter()
+    # the selection's clock: CPU time where the engines run on one thread (steadier on a shared machine),
+    # else wall time (worker threads and intra-op threads: what the user waits for)
+    from ._parallel import pass_workers
+    clock = time.process_time if torch.get_num_threads() == 1 and pass_workers(args[0].device) == 1 \
+        and args[0].device.type == "cpu" else time.perf_counter
+    cuda = args[0].device.type == "cuda"
+    if cuda and sel is not None:
+        torch.cuda.synchronize(args[0].device)     # time the work, not the launches
+    t0 = clock()
     first_call = False
-    with preserved_model_state(model), torch.enable_grad():
+    with plan_preserved_state(plan), torch.enable_grad():
         sq = report = None
         engine = sel.next_engine() if sel is not None and sel.calls else None
         if engine is not None:
             rng = _get_rng(args[0].device)
             try:
-                sq, report = _run(engine, model, loss_fn, args, targets, names, params, acc, B, chunk, max_chunk,
+                mc = sel.chain_chunk if engine == "chain" and sel.chain_chunk and not max_chunk else max_chunk
+                sq, report = _run(engine, model, loss_fn, args, targets, names, params, acc, B, chunk, mc,
                                   backend, None, timed_auto=True)
                 report["why"] = sel.why(engine)
             except _NotCheaperHere as exc:      # the coupled plan: no fewer passes than the loop
@@ -246,16 +291,34 @@ def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=No
                 sel.start(report["path"], report, args[0].device)
                 report["why"] += "; later calls on this model and batch time the other engines"
                 first_call = True       # its time holds one-time costs (imports, buffers): not recorded
-    elapsed = time.perf_counter() - t0
+    if cuda and sel is not None:
+        torch.cuda.synchronize(args[0].device)
+    elapsed = clock() - t0
     if sel is not None:
         with _SEL_LOCK:
             sel.calls += 1
-            if report["path"] not in sel.dead and not first_call:
+            ok = report["path"] != "chain" or sel.chain_memory(report)
+            if ok and report["path"] not in sel.dead and not first_call:
                 sel.times.setdefault(report["path"], []).append(elapsed)
     report["seconds"] = elapsed
     total = torch.stack(list(sq.values())).sum(0).sqrt().to(out_dtype)
     result = total if not per_layer else (total, {n: v.sqrt().to(out_dtype) for n, v in sq.items()})
     return result, report
+
+
+def _output_check(model, x):
+    """For a chain read off an fx trace: the chain forward's output must be model(x)'s (same ops, so equal
+    to rounding), else ChainUnsupported (the trace did not capture what the forward does)."""
+    from .exact_chain import ChainUnsupported
+
+    def check(out):
+        with torch.no_grad():
+            ref = model(x)
+        tol = 1e-10 if out.dtype == torch.float64 else 1e-4
+        if not isinstance(ref, torch.Tensor) or ref.shape != out.shape or not bool(
+                ((ref - out).abs() <= tol * (ref.abs() + ref.abs().mean() + 1e-30)).all()):
+            raise ChainUnsupported("the chain read off the fx trace does not reproduce model(x)")
+    return check
 
 
 class _Refused(Exception):
@@ -290,13 +353,17 @@ def _run(path, model, loss_fn, args, targets, names, params, acc, B, chunk, max_
         # a Sequential chain of known layers: the hand-written seed-batched backward (exact_chain.py)
         rng = None
         try:
+            set_mode(model, "exact")          # before a trace: the forward as it runs in train mode
             layers = chain_layers(model)
-            set_mode(model, "exact")
             rng = _get_rng(args[0].device)
             if len(args) != 1:
                 raise ChainUnsupported(f"{len(args)} inputs (a chain takes one)")
             ch = min(B, max_chunk) if max_chunk else chain_default_chunk(B)
-            sq, info = chain_sq_norms(layers, loss_fn, args[0], targets, names, params, acc, B, ch, backend)
+            check = _output_check(model, args[0]) if getattr(layers, "traced", False) else None
+            sq, info = chain_sq_norms(layers, loss_fn, args[0], targets, names, params, acc, B, ch, backend,
+                                      check_output=check)
+            if check is not None:
+                info["traced"] = True
             if sq is None:
                 check_losses(info["losses"], B)
             report.update(info)

@@ -30,8 +30,8 @@ from torch import nn
 
 from ..reference.ghost_norm import accumulation_dtype
 from . import rules as _rules
-from ._checks import check_call, check_losses, trainable_parameters
-from ._state import _HOOK_DICTS, ModelSnapshot, preserved_model_state, set_mode, temporary_hooks
+from ._checks import check_call, check_losses
+from ._state import _HOOK_DICTS, ModelSnapshot, temporary_hooks
 
 
 class LayerCapture:
@@ -57,25 +57,34 @@ class ModelPlan:
     (cached by `model_plan`): the modules, the trainable parameters and their names, the modules that
     own them with their rules, the BatchNorm modules, the buffers."""
 
-    __slots__ = ("fingerprint", "modules", "named", "pname", "pmods", "local", "bns", "buffers", "params", "saved",
-                 "__weakref__")
+    __slots__ = ("fingerprint", "modules", "named", "pname", "_pmods", "local", "bns", "buffers", "params", "saved",
+                 "_named_modules", "__weakref__")
 
     def __init__(self, model, fingerprint):
         self.fingerprint = fingerprint
         self.modules = list(model.modules())
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.pname = {id(p): n for n, p in self.named}
-        self.pmods = []
+        self._named_modules = list(model.named_modules())
+        self._pmods = None
         self.local = {}
-        for name, m in model.named_modules():
+        for name, m in self._named_modules:
             own = {n: p for n, p in m.named_parameters(recurse=False) if p.requires_grad}
             if own:
-                self.pmods.append((name, m, _rules.rule_for(m, name)))
                 self.local[id(m)] = own
-        self.bns = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.bns = [(name, m) for name, m in self._named_modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.buffers = list(model.buffers())
         self.params = list(model.parameters())
         self.saved = None           # buffer copies reused between calls (PlanSnapshot), None while in use
+
+    @property
+    def pmods(self):
+        """[(module path, module, rule)] of the modules owning trainable parameters (rules bound on first
+        use; rules.UnsupportedModuleError for a module without a rule, on every use)."""
+        if self._pmods is None:
+            self._pmods = [(name, m, _rules.rule_for(m, name)) for name, m in self._named_modules
+                           if id(m) in self.local]
+        return self._pmods
 
 
 class PlanSnapshot(ModelSnapshot):
@@ -352,8 +361,8 @@ def per_sample_grad_norms(model, loss_fn, inputs, targets, *, mode="exact", per_
         check_call(model, loss_fn, inputs, targets, mode, max_chunk, per_layer)
         from .exact import exact_per_sample_grad_norms
 
-        with preserved_model_state(model):
-            return exact_per_sample_grad_norms(model, loss_fn, inputs, targets, per_layer=per_layer,
-                                               backend=backend, max_chunk=max_chunk)
+        # (exact_report restores the model's state itself)
+        return exact_per_sample_grad_norms(model, loss_fn, inputs, targets, per_layer=per_layer,
+                                           backend=backend, max_chunk=max_chunk)
     return onepass_per_sample_grad_norms(model, loss_fn, inputs, targets, mode=mode, per_layer=per_layer,
                                          backend=backend, max_chunk=max_chunk)

@@ -148,7 +148,8 @@ def test_a_refusing_choice_falls_back_to_the_static_rule(monkeypatch):
     m = m.double()
     x, y = zoo_batch(shape, 4, k, torch.float64)
     exp = reference(m, ce, x, y, mode="exact")
-    sel_key = E._selection_key(m, (x,), y, None, None, False)
+    from bnmem_kernels.norms.onepass import model_plan
+    sel_key = E._selection_key(model_plan(m), (x,), y, None, None, False)
     settle(m, x, y)
     E._SELECTIONS[m][sel_key].choice = "chain"
 
@@ -180,3 +181,95 @@ def test_loop_path_is_the_autograd_loop():
     assert rep["path"] == "loop" and rel(out, exp) <= 1e-10
     for n, v in exp_pl.items():
         assert rel(pl[n], v) <= 1e-10, n
+
+
+# ------------------------------------------------------------- structure from any module graph (fx)
+class Counting(torch.nn.Module):
+    """A forward that changes between calls (a Python counter): a trace of one call is not the next."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Linear(8, 2)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = F.relu(self.bn(self.conv(x)))
+        if self.calls % 2:
+            h = torch.tanh(h)
+        return self.fc(torch.flatten(F.max_pool2d(h, 2), 1))
+
+
+class EvalBranch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn, self.out = torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.bn(self.lin(x))
+        if self.training:
+            h = torch.tanh(h)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("module_name,seq_name", [("maxpool_cnn_module", "mnist_cnn_seq"),
+                                                  ("strided_avgpool_module", "strided_avgpool_seq")])
+def test_module_and_sequential_versions_get_the_same_engine(module_name, seq_name):
+    """The same network as an nn.Module (plain attributes and functional ops, or a Sequential inside) takes
+    the chain engine as the Sequential does (read off a torch.fx trace), with the loop's numbers."""
+    reps = []
+    for name in (module_name, seq_name):
+        m, shape, k = zoo_model(name)
+        m = m.double()
+        x, y = zoo_batch(shape, 5, k, torch.float64)
+        out, rep = exact_report(m, ce, x, y)
+        assert rel(out, reference(m, ce, x, y, mode="exact")) <= 1e-10
+        reps.append(rep)
+    assert reps[0]["path"] == reps[1]["path"] == "chain"
+    assert reps[0]["layers"] == reps[1]["layers"] and reps[0].get("traced") and not reps[1].get("traced")
+
+
+def test_traced_chain_that_does_not_reproduce_the_forward_is_refused():
+    torch.manual_seed(0)
+    m = Counting().double()
+    x, y = zoo_batch((1, 6, 6), 4, 2, torch.float64)
+    from bnmem_kernels.norms.exact_chain import ChainUnsupported
+    with pytest.raises(ChainUnsupported, match="does not reproduce model"):
+        exact_report(m, ce, x, y, path="chain")
+    out, rep = exact_report(Counting().double(), ce, x, y)   # auto: another engine, the reason reported
+    assert rep["path"] != "chain" and "does not reproduce model" in rep["chain"]
+
+
+def test_trace_is_taken_in_train_mode():
+    """A forward branching on self.training, called on a model in eval mode: exact mode runs it in train
+    mode (batch statistics), and so does the traced chain."""
+    torch.manual_seed(0)
+    m = EvalBranch().double().eval()
+    x, y = zoo_batch((4,), 6, 3, torch.float64)
+    out, rep = exact_report(m, ce, x, y, path="chain")
+    assert rep["path"] == "chain" and rep["traced"] and not m.training
+    assert rel(out, reference(m, ce, x, y, mode="exact")) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["resnet8", "tv_basic"])
+def test_residual_nets_are_not_read_as_chains(name):
+    m, shape, k = zoo_model(name)
+    from bnmem_kernels.norms.exact_chain import ChainUnsupported, chain_layers
+    with pytest.raises(ChainUnsupported, match="branch or merge"):
+        chain_layers(m)
+
+
+def test_chain_memory_check_shrinks_its_chunk_then_drops_it(monkeypatch):
+    """Where the chain engine's buffers exceed CHAIN_ARENA_RATIO x the activations, auto reruns it with
+    fewer seeds per chunk, and drops it at one seed; every call gives the loop's numbers."""
+    monkeypatch.setattr(E, "CHAIN_ARENA_RATIO", 0.0)
+    m, shape, k = zoo_model("strided_avgpool_seq")
+    m = m.double()
+    x, y = zoo_batch(shape, 8, k, torch.float64)
+    exp = reference(m, ce, x, y, mode="exact")
+    calls = settle(m, x, y)
+    chain_chunks = [rep["chunk"] for _, rep in calls if rep["path"] == "chain"]
+    assert chain_chunks == [4, 1]            # the default (half the batch), then one seed per chunk
+    assert calls[-1][1]["path"] != "chain" and "memory" in calls[-1][1]["why"]
+    for out, rep in calls:
+        assert rel(out, exp) <= 1e-10, rep["path"]
