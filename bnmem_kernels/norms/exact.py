@@ -108,9 +108,10 @@ PATHS = ("auto", "chain", "coupled", "seed_batched", "loop")
 SELECT_TRIALS = 2
 # a candidate slower than this multiple of the best so far after one trial gets no second one
 SELECT_GIVE_UP = 2.0
-# the chain engine's large buffers (its workspace arena) may hold at most this multiple of the activations
-# a plain step keeps (so that its peak stays within ~4x a plain step's); above it, auto runs it with fewer
-# seeds per chunk on the next calls (measured, per model and batch)
+# the chain engine's large buffers (its workspace arena, plus the chunk's per-seed parameter gradients of
+# one layer) may hold at most this multiple of what a plain step keeps (activations + one gradient), so
+# that its peak stays within ~4x a plain step's; above it, auto runs it with fewer seeds per chunk on the
+# next calls (measured after each chain run, per model and batch)
 CHAIN_ARENA_RATIO = 2.5
 
 
@@ -129,10 +130,11 @@ class _Selection:
     def chain_memory(self, report):
         """After a chain run: if its buffers exceeded CHAIN_ARENA_RATIO x the activations, the chunk for the
         next calls shrinks in proportion (and its timings so far are dropped); at one seed, it is out."""
-        ratio = report.get("arena_bytes", 0) / max(report.get("act_bytes", 1), 1)
+        used = report.get("chunk", 1)
+        ratio = (report.get("arena_bytes", 0) + used * report.get("seed_param_bytes", 0)) / max(
+            report.get("act_bytes", 0) + report.get("param_bytes", 0), 1)
         if ratio <= CHAIN_ARENA_RATIO:
             return True
-        used = report.get("chunk", 1)
         if used <= 1:
             self.dead["chain"] = f"memory: its buffers {ratio:.1f}x the activations at one seed per chunk"
             return False

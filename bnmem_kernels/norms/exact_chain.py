@@ -890,6 +890,11 @@ def chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, ba
             # the engine's own large buffers against the activations a plain step keeps (auto's memory check)
             info["arena_bytes"] = sum(t.numel() * t.element_size() for _, t in arena.held)
             info["act_bytes"] = arena.act_bytes
+            # per seed, one layer's parameter gradients are alive (with their temporaries, ~3 copies)
+            elem = params[0].element_size()
+            info["seed_param_bytes"] = 3 * elem * max(
+                (sum(params[q].numel() for _, q in _own_params(m, index)) for m, _ in layers), default=0)
+            info["param_bytes"] = elem * sum(p.numel() for p in params)
         return sq, info
     finally:
         arena.release()
