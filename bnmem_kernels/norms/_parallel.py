@@ -52,13 +52,15 @@ class PassPool:
         for ex in executors:
             ex.shutdown(wait=True)
 
-    def map(self, fn, items, device) -> list:
+    def map(self, fn, items, device, workers: int | None = None) -> list:
         """[fn(item) for item in items], the calls spread over pass_workers(device) threads (items
         interleaved over the workers; at least MIN_PASSES_PER_WORKER each, else fewer workers or a
         plain loop) with one intra-op thread each; results in the order of items. fn must not call
-        map_passes."""
+        map_passes. `workers`: at most this many worker threads."""
         items = list(items)
         W = min(pass_workers(device), len(items) // MIN_PASSES_PER_WORKER)
+        if workers is not None:
+            W = min(W, workers)
         if W <= 1:
             return [fn(it) for it in items]
         with _THREADS_LOCK:
@@ -98,9 +100,11 @@ def pass_workers(device) -> int:
     return max(1, torch.get_num_threads())
 
 
-def map_passes(fn, items, device, pool: PassPool | None = None) -> list:
-    """`pool.map(fn, items, device)` on `pool` (default: DEFAULT_POOL, shared by the exact engines)."""
-    return (pool or DEFAULT_POOL).map(fn, items, device)
+def map_passes(fn, items, device, workers: int | None = None, pool: PassPool | None = None) -> list:
+    """`pool.map(fn, items, device, workers)` on `pool` (default: DEFAULT_POOL, shared by the exact
+    engines). `workers`: at most this many worker threads (1: a plain loop with torch's own intra-op
+    threads)."""
+    return (pool or DEFAULT_POOL).map(fn, items, device, workers)
 
 
 def release_pass_threads() -> None:

@@ -105,13 +105,95 @@ def _refuse_hooks(model) -> None:
                 raise ChainUnsupported(f"parameter {mname}.{pname} has a tensor hook registered")
 
 
+class TracedChain(list):
+    """chain_layers' result for a model that is not an nn.Sequential but whose forward torch.fx traces to
+    a straight line of known layers (functional ops as their module equivalents): the engine then checks
+    its forward's output against model(x) before using it (ChainUnsupported if they differ)."""
+
+    traced = True
+
+
+def _functional_layer(node):
+    """The nn.Module equivalent of an fx call_function / call_method node on one tensor, or None."""
+    import torch.fx as fx
+
+    args, kw = list(node.args[1:]), dict(node.kwargs)
+    if any(isinstance(a, fx.Node) for a in args) or any(isinstance(v, fx.Node) for v in kw.values()):
+        return None
+    t = node.target
+    ew = {F.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU, torch.tanh: nn.Tanh, "tanh": nn.Tanh,
+          torch.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid, F.silu: nn.SiLU, F.gelu: nn.GELU, F.elu: nn.ELU,
+          F.leaky_relu: nn.LeakyReLU}
+    if t in ew:
+        kw.pop("inplace", None)
+        if args and t in (F.relu, torch.relu, "relu", F.silu):
+            args = []                          # F.relu(x, inplace)
+        return ew[t](*args, **kw)
+    pools = {F.max_pool2d: nn.MaxPool2d, F.max_pool1d: nn.MaxPool1d, F.avg_pool2d: nn.AvgPool2d,
+             F.avg_pool1d: nn.AvgPool1d, F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d,
+             F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d, F.adaptive_max_pool2d: nn.AdaptiveMaxPool2d,
+             F.adaptive_max_pool1d: nn.AdaptiveMaxPool1d}
+    if t in pools:
+        return pools[t](*args, **kw)
+    if t in (torch.flatten, "flatten"):
+        start = args[0] if args else kw.get("start_dim", 0)
+        end = args[1] if len(args) > 1 else kw.get("end_dim", -1)
+        return nn.Flatten(start, end) if start == 1 and end == -1 else None
+    return None
+
+
+def _traced_layers(model) -> "TracedChain":
+    """The modules of a straight-line fx trace of model.forward (one input, each op on the previous one's
+    output), or ChainUnsupported."""
+    import torch.fx as fx
+
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as exc:    # data-dependent control flow, unsupported Python: not a chain we can read
+        raise ChainUnsupported(f"the model is not an nn.Sequential and torch.fx cannot trace it "
+                               f"({type(exc).__name__})") from None
+    out, prev = TracedChain(), None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if prev is not None:
+                raise ChainUnsupported("the model's forward takes more than one input")
+            prev = node
+            continue
+        if node.op == "output":
+            if node.args[0] is not prev:
+                raise ChainUnsupported("the model's forward returns something other than its last op's output")
+            break
+        if len(node.users) != 1 or not node.args or node.args[0] is not prev:
+            raise ChainUnsupported(f"the model's forward is not a straight chain (at {node.name!r}: a branch "
+                                   "or merge)")
+        if node.op == "call_module":
+            if len(node.args) != 1 or node.kwargs:
+                raise ChainUnsupported(f"module {node.target!r} called with extra arguments")
+            m = model.get_submodule(node.target)
+        elif node.op in ("call_function", "call_method"):
+            m = _functional_layer(node)
+            if m is None:
+                raise ChainUnsupported(f"op {getattr(node.target, '__name__', node.target)!r} is not one the chain "
+                                       "engine models")
+        else:
+            raise ChainUnsupported(f"fx node {node.op} {node.target!r} in the forward")
+        out.append(m)
+        prev = node
+    return out
+
+
 def chain_layers(model) -> list:
-    """[(module, kind)] of an nn.Sequential chain (nested plain Sequentials flattened); raises
-    ChainUnsupported for anything else (another container, a subclass with its own forward, an
-    unknown layer, a module with parameters used twice, a registered hook)."""
-    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
-        raise ChainUnsupported("the model is not an nn.Sequential")
-    out, seen = [], set()
+    """[(module, kind)] of an nn.Sequential chain (nested plain Sequentials flattened), or of a model whose
+    forward torch.fx traces to a straight line of known layers (returned as a TracedChain); raises
+    ChainUnsupported for anything else (branches, an unknown layer, a module with parameters used twice,
+    a registered hook)."""
+    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
+        items, out = model, []
+    else:
+        _refuse_hooks(model)                   # before tracing (a hook is not in the trace)
+        items = _traced_layers(model)
+        out = TracedChain()
+    seen = set()
 
     def walk(seq):
         for m in seq:
@@ -124,10 +206,12 @@ def chain_layers(model) -> list:
                 raise ChainUnsupported(f"{type(m).__name__} is used twice (shared parameters)")
             seen.add(id(m))
             out.append((m, _kind(m)))
-    walk(model)
+    walk(items)
     _refuse_hooks(model)
     if not any(k == "bn" for _, k in out):
         raise ChainUnsupported("no BatchNorm (nothing couples samples)")
+    if isinstance(out, TracedChain) and any(k == "dropout" for _, k in out):
+        raise ChainUnsupported("dropout in a traced (non-Sequential) chain: its masks could not be checked")
     return out
 
 
@@ -780,10 +864,12 @@ def per_sample_loss_grads(loss_fn, out, targets, losses):
     return g0
 
 
-def chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, backend=None):
+def chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, backend=None, check_output=None):
     """({name: [B] squared exact per-sample gradient norms}, info) for the chain `layers` (chain_layers).
     `backend` (None/"auto", "cuda", "triton", "cpu", "reference"): where the pooled_conv_weight_grad
-    kernel runs. Raises ChainUnsupported when the loss is not per sample (the caller takes another path)."""
+    kernel runs. `check_output(out)`: called on the chain forward's output (a TracedChain's check against
+    model(x); raises ChainUnsupported). Raises ChainUnsupported when the loss is not per sample (the
+    caller takes another path)."""
     dt = params[0].dtype
     if targets is not None and not isinstance(targets, torch.Tensor):
         raise ChainUnsupported(f"targets of type {type(targets).__name__} cannot be split per sample")
@@ -798,16 +884,27 @@ def chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, ba
     arena = _Arena()
     arena.backend = which
     try:
-        return _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, index, arena)
+        sq, info = _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, index, arena,
+                                   check_output)
+        if sq is not None:
+            # the engine's own large buffers against the activations a plain step keeps (auto's memory check)
+            info["arena_bytes"] = sum(t.numel() * t.element_size() for _, t in arena.held)
+            info["act_bytes"] = arena.act_bytes
+            # per seed, one layer's parameter gradients are alive (with their temporaries, ~3 copies)
+            elem = params[0].element_size()
+            info["seed_param_bytes"] = 3 * elem * max(
+                (sum(params[q].numel() for _, q in _own_params(m, index)) for m, _ in layers), default=0)
+            info["param_bytes"] = elem * sum(p.numel() for p in params)
+        return sq, info
     finally:
         arena.release()
 
 
-def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, index, arena):
-    from torch.func import grad, vmap
-
+def _chain_sq_norms(layers, loss_fn, x, targets, names, params, acc, B, chunk, index, arena, check_output=None):
     dt = params[0].dtype
     recs, out = _forward(layers, x, index, arena)
+    if check_output is not None:
+        check_output(out)
     arena.act_bytes = sum(_numel(r.yshape) for r in recs) * x.element_size()   # ~ what a plain backward keeps
     # per-sample losses and their gradients at the network output (the loss must be per sample)
     with torch.enable_grad():

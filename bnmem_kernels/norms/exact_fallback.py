@@ -28,11 +28,13 @@ def _batched_grads(losses, params, seed_rows, B):
 
 
 def seed_batched_sq_norms(losses: torch.Tensor, names, params, acc: torch.dtype, chunk: int,
-                          batched: bool | None = None) -> dict:
+                          batched: bool | None = None, workers: int | None = None) -> dict:
     """{name: [B] squared norms of dl_i/dp} for per-sample losses `losses` [B] (graph retained).
 
     `batched`: one is_grads_batched pass per chunk (default on GPUs) or one pass per seed (default on
     CPU, where it is ~3x faster than the batched pass; the passes run on worker threads, _parallel).
+    `workers`: at most this many worker threads for the one-by-one passes (1: the plain autograd loop,
+    each pass with all of torch's intra-op threads).
     """
     B = losses.shape[0]
     sq = {n: torch.zeros(B, dtype=acc, device=losses.device) for n in names}
@@ -61,7 +63,7 @@ def seed_batched_sq_norms(losses: torch.Tensor, names, params, acc: torch.dtype,
         if grads is None:
             # one pass per seed for the whole rest of the batch, spread over worker threads on CPU
             rows = list(range(start, B))
-            for i, row in zip(rows, map_passes(one, rows, losses.device)):
+            for i, row in zip(rows, map_passes(one, rows, losses.device, workers)):
                 table[i] = row
             break
         for n, g in zip(names, grads):

@@ -32,7 +32,7 @@ from torch import nn
 
 from ._checks import check_parameters, trainable_parameters
 from ._state import temporary_hooks
-from .onepass import install_capture_hooks, norms_from_captures, parameter_modules
+from .onepass import install_capture_hooks, model_plan, norms_from_captures, parameter_modules
 
 PROBE_MODES = ("column", "eval")
 REDUCTIONS = ("mean", "sum")
@@ -66,15 +66,14 @@ class GradNormProbe:
 
     # -- hooks -------------------------------------------------------------------------------
     def _check_mode(self):
-        for name, m in self.model.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                batch = m.training or m.running_mean is None
-                if self.mode == "eval" and batch:
-                    raise ValueError(f"GradNormProbe(mode='eval') but BatchNorm {name!r} normalizes with batch "
-                                     "statistics (train mode); call model.eval() or use mode='column'")
-                if self.mode == "column" and not batch:
-                    raise ValueError(f"GradNormProbe(mode='column') but BatchNorm {name!r} is in eval mode "
-                                     "(running statistics); call model.train() or use mode='eval'")
+        for name, m in model_plan(self.model).bns:      # the model's BatchNorms (cached plan)
+            batch = m.training or m.running_mean is None
+            if self.mode == "eval" and batch:
+                raise ValueError(f"GradNormProbe(mode='eval') but BatchNorm {name!r} normalizes with batch "
+                                 "statistics (train mode); call model.eval() or use mode='column'")
+            if self.mode == "column" and not batch:
+                raise ValueError(f"GradNormProbe(mode='column') but BatchNorm {name!r} is in eval mode "
+                                 "(running statistics); call model.train() or use mode='eval'")
 
     def _pre_forward(self, module, args):
         if not torch.is_grad_enabled():

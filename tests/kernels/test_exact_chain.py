@@ -363,6 +363,11 @@ class _Wrapper(nn.Module):
         return self.body(x)
 
 
+class _ScaledWrapper(_Wrapper):
+    def forward(self, x):
+        return self.body(x) * 2.0
+
+
 class _SeqOwnForward(nn.Sequential):
     def forward(self, x):
         return super().forward(x) * 2.0
@@ -374,13 +379,14 @@ def _refused(case):
     dt = torch.float64
     loss = ce
     if case == "not_sequential":
+        # (a plain wrapper is read off its fx trace as a chain: test_wrapper_is_read_as_a_chain)
         m, shape, k = make("vgg")
-        m = _Wrapper(m)
-        match = "not an nn.Sequential"
+        m = _ScaledWrapper(m)
+        match = "is not one the chain engine models"
     elif case == "seq_own_forward":
         m0, shape, k = make("vgg")
         m = _SeqOwnForward(*m0)
-        match = "not an nn.Sequential"
+        match = "is not one the chain engine models"
     elif case == "nested_own_forward":
         m0, shape, k = make("vgg")
         m = nn.Sequential(_SeqOwnForward(*list(m0)[:4]), *list(m0)[4:])
@@ -442,6 +448,16 @@ def _refused(case):
 
 REFUSED = ["not_sequential", "seq_own_forward", "nested_own_forward", "groupnorm", "used_twice", "bf16",
            "coupling_loss", "linear_3d", "padding_mode", "padding_same", "list_targets"]
+
+
+def test_wrapper_is_read_as_a_chain():
+    """An nn.Module whose forward only calls a Sequential: the chain engine, from the module's fx trace."""
+    torch.manual_seed(0)
+    m, shape, k = make("vgg")
+    w = _Wrapper(m)
+    x, y = data(shape, 6, k)
+    out, rep = exact_report(w, ce, x, y, path="chain")
+    assert rep["path"] == "chain" and rep["traced"] and rel(out, reference(m, ce, x, y, mode="exact")) <= 1e-10
 
 
 def test_loss_without_vmap_rule_runs_on_the_chain():

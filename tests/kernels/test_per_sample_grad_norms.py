@@ -457,3 +457,70 @@ def test_no_activation_outlives_the_call(mode):
         hook.remove()
     assert live_captures() == before
     assert seen and all(r() is None for r in seen), "a bottom layer's output outlived the call"
+
+
+# ---------------------------------------------------------------------- plan cached between calls
+def _cache_model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    g = torch.Generator().manual_seed(3)
+    return m, torch.randn(5, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cached_plan_follows_changes_to_the_model(mode):
+    """Calls on one model reuse what does not change (modules, rules, names, buffer copies); every change
+    between calls (a layer replaced, requires_grad toggled, the dtype, running statistics, a hook added)
+    is seen by the next call: the numbers and names are those of the model as it is then."""
+    m, x, y = _cache_model()
+    for _ in range(2):
+        out, pl = bk.per_sample_grad_norms(m, ce, x, y, mode=mode, per_layer=True)
+        _check_close(out, ref_norms(m, ce, x, y, mode=mode), 1e-10)
+    m[5] = nn.Linear(4, 3).double()                             # a layer replaced
+    _check_close(bk.per_sample_grad_norms(m, ce, x, y, mode=mode), ref_norms(m, ce, x, y, mode=mode), 1e-10)
+    m[0].bias.requires_grad_(False)                             # a parameter frozen
+    out, pl = bk.per_sample_grad_norms(m, ce, x, y, mode=mode, per_layer=True)
+    assert "0.bias" not in pl and set(pl) == {n for n, p in m.named_parameters() if p.requires_grad}
+    _check_close(out, ref_norms(m, ce, x, y, mode=mode), 1e-10)
+    with torch.no_grad():                                       # running statistics changed between calls
+        m[1].running_mean.fill_(0.5)
+        m[1].running_var.fill_(2.0)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    _check_close(bk.per_sample_grad_norms(m, ce, x, y, mode=mode), ref_norms(m, ce, x, y, mode=mode), 1e-10)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, sd[k]), k                         # put back as they were at this call
+    seen = []
+    h = m[2].register_forward_hook(lambda mod, a, o: seen.append(1))   # a hook added: it runs and stays
+    bk.per_sample_grad_norms(m, ce, x, y, mode=mode)
+    assert seen == [1] and len(m[2]._forward_hooks) == 1
+    h.remove()
+    m.float()                                                   # dtype changed
+    out = bk.per_sample_grad_norms(m, ce, x.float(), y, mode=mode)
+    assert out.dtype == torch.float32
+    _check_close(out.double(), ref_norms(m.double(), ce, x, y, mode=mode), 1e-5)
+
+
+def test_cached_plan_sees_an_unsupported_layer_added():
+    m, x, y = _cache_model()
+    bk.per_sample_grad_norms(m, ce, x, y, mode="column")
+    m.append(Scaler().double())
+    with pytest.raises(UnsupportedModuleError, match="Scaler"):
+        bk.per_sample_grad_norms(m, ce, x, y, mode="column")
+    with pytest.raises(UnsupportedModuleError, match="Scaler"):
+        bk.GradNormProbe(m)
+
+
+def test_probe_reused_across_steps_follows_the_model():
+    """One GradNormProbe per step on the same model (cached plan): each step's norms are those of the model
+    as it is at that step (here a layer replaced between steps)."""
+    m, x, y = _cache_model()
+    for step in range(3):
+        if step == 2:
+            m[5] = nn.Linear(4, 3).double()
+        sd = {k: v.clone() for k, v in m.state_dict().items()}
+        with bk.GradNormProbe(m, mode="column", reduction="sum") as probe:
+            ce(m(x), y).sum().backward()
+        m.load_state_dict(sd)
+        _check_close(probe.norms, ref_norms(m, ce, x, y, mode="column"), 1e-10)
+        assert set(probe.per_layer) == {n for n, _ in m.named_parameters()}
