@@ -12,9 +12,10 @@ conf [M, N, A]: confidences (logit_confidence) of M models on N examples and A a
 keep [M, N] bool: example n was in model m's training set. score[t, n] uses model t as the
 target and OTHER models as shadows. The fit rule ("drop one from each group"): the in-group
 {m : keep[m, n]} and the out-group {m : not keep[m, n]} each lose exactly one model before the
-fit: the target itself if it belongs to the group, else the group's highest-index model. Every
+fit: the target itself if it belongs to the group, else the group's member at position
+drop_position(n, group size) in model-index order (a fixed hash of n). Every
 target is so fitted on n_in - 1 in-models and n_out - 1 out-models, whatever its own membership
-(on balanced masks: M/2 - 1 each, the larger group dropping its highest-index model). Plain
+(on balanced masks: M/2 - 1 each, the larger group dropping one model). Plain
 leave-one-model-out (n_in - 1 vs n_out when the target is in, n_in vs n_out - 1 when out) ties
 the fit sizes to the answer and scores members BELOW chance when there is no signal (MATH.md,
 "Null bias of leave-one-model-out"); this rule has no such bias for any mask.
@@ -33,6 +34,15 @@ LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 MIN_PER_EXAMPLE = 2
 MIN_GLOBAL = 1
 MIN_POOLED = 2  # values pooled over examples for a global std
+
+
+def drop_position(n, size):
+    """Which member (0-based, in model-index order) a group of `size` models loses at example n
+    when the target is not in it: ((n * 2654435761) mod 2^32) >> 16, mod size. A fixed hash of
+    the example index, the same in every backend: it spreads the dropped model evenly over the
+    models (a fixed choice such as "the highest index" always drops the same model, and trained
+    models differ: with per-model offsets that biases the null AUC to 0.46/0.54 at M = 4)."""
+    return (((n * 2654435761) & 0xFFFFFFFF) >> 16) % size
 
 
 def needed_counts(online: bool, variance: str) -> tuple[int, int]:
@@ -83,7 +93,7 @@ def lira_scores_loop(conf, keep, *, online=True, variance="per_example", center=
     Differences from the public LiRA code (github.com/tensorflow/privacy, research/mi_lira_2021,
     whose Gaussian fits are in plot.py, generate_ours / generate_ours_offline), on purpose:
     every model is a target in turn and is left out of its own fit, and each group drops one
-    model (the target, else its highest-index model: fit sizes n_in - 1, n_out - 1 whatever the
+    model (the target, else its drop_position-th member: fit sizes n_in - 1, n_out - 1 whatever the
     target's membership; the public script scores one separate target against all shadows and
     cuts every example's in- and out-lists to one length each); the global ("fixed") variance is
     one population std per augmentation over the pooled in-values (resp. out-values) of all
@@ -106,11 +116,12 @@ def lira_scores_loop(conf, keep, *, online=True, variance="per_example", center=
         for n in range(N):
             dat_in = c_o[k_o[:, n], n, :]
             dat_out = c_o[~k_o[:, n], n, :]
-            # each group loses one model: the target (already out) or its highest-index model
+            # each group loses one model: the target (already out) or its drop_position-th member
             if keep[t, n]:
-                dat_out = dat_out[:-1]
-            else:
-                dat_in = dat_in[:-1]
+                if len(dat_out):
+                    dat_out = np.delete(dat_out, drop_position(n, len(dat_out)), axis=0)
+            elif len(dat_in):
+                dat_in = np.delete(dat_in, drop_position(n, len(dat_in)), axis=0)
             if (online and len(dat_in) < need_in) or len(dat_out) < need_out:
                 continue
             sc = conf[t, n, :]
@@ -153,9 +164,10 @@ def rmia_scores_loop(prob, keep, pop_prob, *, gamma=1.0, a=0.3, offline=True):
             p_out = p_o[~k_o[:, x], x]
             p_in = p_o[k_o[:, x], x]
             if keep[t, x]:
-                p_out = p_out[:-1]
-            else:
-                p_in = p_in[:-1]
+                if len(p_out):
+                    p_out = np.delete(p_out, drop_position(x, len(p_out)))
+            elif len(p_in):
+                p_in = np.delete(p_in, drop_position(x, len(p_in)))
             if len(p_out) < 1 or (not offline and len(p_in) < 1):
                 continue
             px = ((1 + a) * p_out.mean() + (1 - a)) / 2 if offline else (p_in.mean() + p_out.mean()) / 2
@@ -197,13 +209,16 @@ def global_std(conf: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def dropped_value(x, g):
     """[M, N, A]: for every target t, the value group g loses before the fit: x[t] where t is in g,
-    else the value of g's highest-index model (any value where g is empty: no fit is formed then).
-    x [M, N, A], g [M, N, 1] bool."""
-    M = x.shape[0]
-    idx = torch.arange(M, device=x.device).view(M, 1, 1)
-    last = torch.where(g, idx, -1).amax(0, keepdim=True).clamp_min(0)  # [1, N, 1]
-    x_last = x.gather(0, last.expand(1, *x.shape[1:]))                  # [1, N, A]
-    return torch.where(g, x, x_last)
+    else the value of g's member at drop_position(n, |g|) in model-index order (any value where g
+    is empty: no fit is formed then). x [M, N, A], g [M, N, 1] bool."""
+    M, N = x.shape[:2]
+    idx = torch.arange(M, device=x.device).view(M, 1)
+    members = torch.where(g[..., 0], idx, M + idx).argsort(0)  # [M, N]: members first, in index order
+    size = g[..., 0].sum(0)                                     # [N]
+    pos = drop_position(torch.arange(N, device=x.device, dtype=torch.int64), size.clamp_min(1))
+    pick = members.gather(0, pos[None, :])                      # [1, N]
+    x_pick = x.gather(0, pick[..., None].expand(1, N, x.shape[2]))
+    return torch.where(g, x, x_pick)
 
 
 def _fit_mean_std(x, g, x_drop):
@@ -289,7 +304,7 @@ def lira_scores_torch(conf, keep, *, online=True, variance="per_example", center
 
 def _group_mean_dropped(p, g):
     """[M, N]: mean of p over group g (bool [M, N]) without one model per target (the target where
-    it is in g, else g's highest-index model), and that count (n_g - 1)."""
+    it is in g, else its drop_position-th member), and that count (n_g - 1)."""
     x_drop = dropped_value(p[..., None], g[..., None])[..., 0]
     gw = g.double()
     cnt = gw.sum(0) - 1

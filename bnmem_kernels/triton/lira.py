@@ -4,7 +4,8 @@ lira_scores: program p owns a block of BN examples and holds the [BN, BM] tile o
 values of one augmentation at a time (BM = M padded to a power of 2, models on the last axis).
 Per row: the in/out group means, centred sums S1, S2, and (median) one tl.sort of each group
 padded with +inf; each group then loses one model per target (the target itself where it is in
-the group, else the group's highest-index model: the null-unbiased fit rule of reference/lira.py),
+the group, else its member at drop_position(n, size), a fixed hash of n: the null-unbiased fit
+rule of reference/lira.py),
 whose value is subtracted in place or the median without it read from the sorted middle values; the Gaussian log-likelihoods are accumulated over
 augmentations in registers and written once: reads M N A values, writes M N scores, no other
 memory traffic (global stds, [2, M, A], come precomputed). The group statistics (centred sums and
@@ -50,17 +51,20 @@ def _pick(s, idx, rm):
 
 
 @triton.jit
-def _group_center(x, g, cnt, rm, MEDIAN: tl.constexpr):
+def _group_center(x, g, cnt, rn, rm, MEDIAN: tl.constexpr):
     """Mean/median and std of group g without one model, for every target: the target where it is
-    in g, else g's highest-index model (fit size cnt - 1 for every target).
+    in g, else g's member at drop_position(n, cnt) in model-index order (fit size cnt - 1 always).
 
     The sums and the downdate run in fp64 also for fp32 inputs: removing an outlying value from
     a small group cancels (S2 - d^2), which fp32 cannot resolve even centred."""
     out_dtype = x.dtype
     x = x.to(tl.float64)
     cntf = cnt.to(tl.float64)
-    last = tl.max(tl.where(g, rm[None, :], -1), axis=1)  # the group's highest-index model (-1: empty)
-    x_drop = tl.where(g, x, _pick(x, last, rm)[:, None])
+    h = ((rn.to(tl.int64) * 2654435761) & 0xFFFFFFFF) >> 16   # drop_position(n, cnt)
+    pos = (h % tl.maximum(cnt, 1).to(tl.int64)).to(tl.int32)
+    rank = tl.cumsum(g.to(tl.int32), axis=1) - 1                # position of each member
+    x_pick = tl.sum(tl.where(g & (rank == pos[:, None]), x, 0.0), axis=1)
+    x_drop = tl.where(g, x, x_pick[:, None])
     mean = tl.sum(tl.where(g, x, 0.0), axis=1) / tl.maximum(cntf, 1.0)
     d = tl.where(g, x - mean[:, None], 0.0)
     s1 = tl.sum(d, axis=1)
@@ -101,11 +105,11 @@ def lira_scores_kernel(conf_ptr, keep_ptr, gstd_ptr, out_ptr, M, N, A,
     acc = tl.zeros((BN, BM), dtype=ACC)
     for a in range(0, A):
         x = tl.load(conf_ptr + rm[None, :] * s_cm + rn[:, None] * s_cn + a * s_ca, mask=inside, other=0.0).to(ACC)
-        mu_o, s_o = _group_center(x, gout, n_out, rm, MEDIAN)
+        mu_o, s_o = _group_center(x, gout, n_out, rn, rm, MEDIAN)
         if GLOBAL:
             s_o = tl.load(gstd_ptr + (M + rm) * A + a, mask=rm < M, other=1.0).to(ACC)[None, :] + 0.0 * x
         if ONLINE:
-            mu_i, s_i = _group_center(x, gin, n_in, rm, MEDIAN)
+            mu_i, s_i = _group_center(x, gin, n_in, rn, rm, MEDIAN)
             if GLOBAL:
                 s_i = tl.load(gstd_ptr + rm * A + a, mask=rm < M, other=1.0).to(ACC)[None, :] + 0.0 * x
             v = _norm_logpdf(x, mu_i, s_i) - _norm_logpdf(x, mu_o, s_o)

@@ -3,7 +3,7 @@
 // lira_scores streams over examples n: per (n, a) one pass for the in/out group means, one for the
 // centred sums S1 = sum d, S2 = sum d^2 (d = x - group mean), and for center=median one sort of
 // each group. Each group then loses one model for target t (t itself if t is in the group, else
-// the group's highest-index model: fit sizes n_in - 1 and n_out - 1 whatever t's membership, the
+// the group's member at drop_position(n, size) in index order, a fixed hash of n: fit sizes n_in - 1 and n_out - 1 whatever t's membership, the
 // null-unbiased rule of reference/lira.py): its contribution is subtracted in O(1) (mean/std) or
 // read off the sorted list's middle values (median), fused with the Gaussian log-likelihoods and
 // the mean over augmentations. Everything is computed in fp64 (fp32 inputs are widened), O(M N A) work
@@ -83,6 +83,13 @@ inline double loo_median(const double* s, int64_t L, double x) {
   return 0.5 * (lo + hi);
 }
 
+// The group member (0-based, in model-index order) a group of `size` models loses at example n when
+// the target is not in it; the same hash as reference/lira.py drop_position.
+inline int64_t drop_position(int64_t n, int64_t size) {
+  const uint32_t h = static_cast<uint32_t>(static_cast<uint64_t>(n) * 2654435761ull);
+  return static_cast<int64_t>(h >> 16) % size;
+}
+
 struct Group {
   int64_t cnt = 0;
   double mean = 0, s1 = 0, s2 = 0, inv_loo = 0;  // 1 / (cnt - 1)
@@ -118,20 +125,23 @@ void lira_scores_range(const scalar_t* conf, const bool* keep, const double* gst
     std::vector<double> x(M * A), sin(M), sout(M), val(NB * M * A), h, y;
     if (one_sided) h.resize(val.size()), y.resize(val.size());
     std::vector<char> k(M);
+    std::vector<int64_t> mem_in(M), mem_out(M);
     for (int64_t n0 = begin; n0 < end; n0 += NB) {
       const int64_t n1 = std::min(end, n0 + NB);
       for (int64_t n = n0; n < n1; ++n) {
         // val[((n - n0) * M + t) * A + a]: target t's term of augmentation a (NaN: t cannot be scored)
         double* vn = val.data() + (n - n0) * M * A;
-        int64_t n_in = 0, last_in = 0, last_out = 0;  // the groups' highest-index models
+        int64_t n_in = 0, n_o = 0;
         for (int64_t m = 0; m < M; ++m) {
           k[m] = keep[m * N + n];
-          n_in += k[m];
-          (k[m] ? last_in : last_out) = m;
+          (k[m] ? mem_in[n_in++] : mem_out[n_o++]) = m;  // members in index order
           const scalar_t* row = conf + (m * N + n) * A;
           for (int64_t a = 0; a < A; ++a) x[m * A + a] = static_cast<double>(row[a]);
         }
         const int64_t n_out = M - n_in;
+        // the model each group loses for targets outside it
+        const int64_t pick_in = n_in ? mem_in[drop_position(n, n_in)] : 0;
+        const int64_t pick_out = n_out ? mem_out[drop_position(n, n_out)] : 0;
         for (int64_t a = 0; a < A; ++a) {
           Group gi, go;
           gi.cnt = n_in;
@@ -162,12 +172,12 @@ void lira_scores_range(const scalar_t* conf, const bool* keep, const double* gst
           }
           // every target is fitted on n_in - 1 in- and n_out - 1 out-models: valid per example
           const bool ok = (!online || n_in - 1 >= need_in) && n_out - 1 >= need_out;
-          const double x_last_in = x[last_in * A + a], x_last_out = x[last_out * A + a];
+          const double x_pick_in = x[pick_in * A + a], x_pick_out = x[pick_out * A + a];
           for (int64_t t = 0; t < M; ++t) {
             const bool t_in = k[t];
             const double c = x[t * A + a];
-            // the value each group loses: t's own, or the group's highest-index model's
-            const double drop_o = t_in ? x_last_out : c;
+            // the value each group loses: t's own, or the group's picked model's
+            const double drop_o = t_in ? x_pick_out : c;
             // variances, not stds: the online log-ratio needs one log and no sqrt
             double mu_o, var_o;
             go.stats(drop_o - go.mean, mu_o, var_o);
@@ -177,7 +187,7 @@ void lira_scores_range(const scalar_t* conf, const bool* keep, const double* gst
             const double e_o = (c - mu_o) * (c - mu_o);
             double v;
             if (online) {
-              const double drop_i = t_in ? c : x_last_in;
+              const double drop_i = t_in ? c : x_pick_in;
               double mu_i, var_i;
               gi.stats(drop_i - gi.mean, mu_i, var_i);
               if (median && ok) mu_i = loo_median(sin.data(), li, drop_i);

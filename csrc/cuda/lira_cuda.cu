@@ -11,8 +11,9 @@
 // the column's (group, value) keys in shared memory (O(M log^2 M) comparisons over all threads,
 // depth O(log^2 M); the chunk is then staged again from global memory, median only); then every
 // thread scores its targets t. Each group loses one model per target before the fit (t itself
-// where t is in the group, else the group's highest-index model: fit sizes n_in - 1, n_out - 1
-// whatever t's membership, the null-unbiased rule of reference/lira.py); its value is subtracted
+// where t is in the group, else the group's picked member (drop_position): fit sizes n_in - 1, n_out - 1
+// whatever t's membership, the null-unbiased rule of reference/lira.py; the picked member is the
+// one at drop_position(n, size) in index order, a fixed hash of n); its value is subtracted
 // from the sums, Gaussian log-likelihoods in the input precision, and the columns are folded into
 // per-example sums in column order (deterministic). Each conf value is read once (twice for the
 // median), each score written once.
@@ -56,7 +57,7 @@ __device__ __forceinline__ T norm_logpdf(T c, T mu, T s) {
 
 struct GroupStat {
   double cnt, mean, s1, s2, lo, mid, hi;  // lo/mid/hi: sorted[p-1], sorted[p], sorted[p+1], p = (cnt-1)/2
-  double last;                            // the value of the group's highest-index model
+  double last;                            // the value of the group's picked model (lost for targets outside it)
 };
 
 // Mean (or numpy median) and population std of the group without one member of value x.
@@ -126,7 +127,7 @@ lira_scores_kernel(const scalar_t* __restrict__ conf, const bool* __restrict__ k
   extern __shared__ unsigned char smem_raw[];
   scalar_t* tile = reinterpret_cast<scalar_t*>(smem_raw);            // [M][kLanes]: x, then v
   scalar_t* acc = tile + M * kLanes;                                  // [M][E]: sum over a of v
-  int* last_idx = reinterpret_cast<int*>(acc + M * E);                // [2][E]: highest-index in/out model
+  int* last_idx = reinterpret_cast<int*>(acc + M * E);                // [2][E]: picked in/out model
   unsigned char* kp = reinterpret_cast<unsigned char*>(last_idx + 2 * E);  // [M][E]: keep
   unsigned char* flg = kp + M * E;                                    // [M][kLanes]: sort flags (median)
   __shared__ double red[4][kRows][kLanes];
@@ -141,9 +142,21 @@ lira_scores_kernel(const scalar_t* __restrict__ conf, const bool* __restrict__ k
     acc[i] = scalar_t(0);
   }
   for (int64_t e = tid; e < E; e += nthreads) {
-    int li = 0, lo = 0;
+    // the member at drop_position(n, size) of each group (same hash as reference/lira.py)
     const int64_t n = n0 + e;
-    for (int64_t m = 0; m < M && n < N; ++m) (keep[m * N + n] ? li : lo) = static_cast<int>(m);
+    int64_t cnt_in = 0;
+    for (int64_t m = 0; m < M && n < N; ++m) cnt_in += keep[m * N + n] ? 1 : 0;
+    const uint32_t h = static_cast<uint32_t>(static_cast<uint64_t>(n) * 2654435761ull) >> 16;
+    const int64_t want_in = cnt_in ? h % cnt_in : -1, want_out = (M - cnt_in) ? h % (M - cnt_in) : -1;
+    int li = 0, lo = 0;
+    int64_t ri = 0, ro = 0;
+    for (int64_t m = 0; m < M && n < N; ++m) {
+      if (keep[m * N + n]) {
+        if (ri++ == want_in) li = static_cast<int>(m);
+      } else {
+        if (ro++ == want_out) lo = static_cast<int>(m);
+      }
+    }
     last_idx[e] = li;
     last_idx[E + e] = lo;
   }
@@ -240,7 +253,7 @@ lira_scores_kernel(const scalar_t* __restrict__ conf, const bool* __restrict__ k
       // each thread reads and then overwrites only its own cell [t][lane]: x -> v
       const bool t_in = kp[t * E + ee];
       const double x = static_cast<double>(tile[t * kLanes + lane]);
-      // the value each group loses: t's own where t is in it, else its highest-index model's
+      // the value each group loses: t's own where t is in it, else its picked model's
       double mu_o, sd_o;
       group_center(go, t_in ? go.last : x, median, mu_o, sd_o);
       if (gstd) sd_o = static_cast<double>(gstd[(M + t) * A + a]);

@@ -169,8 +169,8 @@ def _log_ndtr_exact(z: float) -> float:
 @pytest.mark.parametrize("backend", backend_params("cpu", ("cpu", "triton", "reference")))
 def test_log_phi_elementwise_vs_mpmath(backend):
     """offline one_sided is log Phi(z) itself where the out-models fitted are {-1, +1} (mu = 0,
-    s = 1 exactly: models 1, 2; model 3, the out-group's highest index, is the one dropped for an
-    in-target) and the target, model 0, holds z: elementwise vs 60-digit mpmath over z in [-40, 37]
+    s = 1 exactly: of the out-models 1, 2, 3 the one at ref.drop_position(n, 3), which an in-target's
+    fit drops, holds 0, the other two -1 and +1) and the target, model 0, holds z: elementwise vs 60-digit mpmath over z in [-40, 37]
     (each range of the kernels' case split, both sides of every threshold; above z = 37.5 log Phi
     is subnormal), beyond +-40 too, fp64. Bound: 5e-13 relative, the conditioning of erfc in its
     rounded argument z / sqrt 2 (2 z^2 ulp at z = 37; scipy's log_ndtr has the same)."""
@@ -178,7 +178,10 @@ def test_log_phi_elementwise_vs_mpmath(backend):
                                                     0.0, 1e-300, 1e-3, 3.0, 3.01, 5.9, 6.0, 6.1, 8.0]])
     conf = torch.zeros(4, z.size, 1, dtype=torch.float64)
     conf[0, :, 0] = torch.from_numpy(z)
-    conf[1], conf[2], conf[3] = -1.0, 1.0, 7.0
+    for n in range(z.size):
+        vals = [-1.0, 1.0]
+        vals.insert(ref.drop_position(n, 3), 0.0)  # 0: every sum exact
+        conf[1:, n, 0] = torch.tensor(vals, dtype=torch.float64)
     keep = torch.zeros(4, z.size, dtype=torch.bool)
     keep[0] = True
     got = lira.lira_scores(conf, keep, online=False, offline_stat="one_sided", backend=backend)[0].numpy()
@@ -186,8 +189,7 @@ def test_log_phi_elementwise_vs_mpmath(backend):
     rel = np.abs(got - want) / np.abs(want)
     assert rel.max() <= 5e-13, (z[rel.argmax()], rel.max())
     far = torch.tensor([-1e4, -600.0, 45.0, 1e4], dtype=torch.float64)
-    conf2 = torch.cat([far.view(1, 4, 1), -torch.ones(1, 4, 1, dtype=torch.float64),
-                       torch.ones(1, 4, 1, dtype=torch.float64), torch.zeros(1, 4, 1, dtype=torch.float64)])
+    conf2 = torch.cat([far.view(1, 4, 1), conf[1:, :4]])
     got = lira.lira_scores(conf2, keep[:, :4], online=False, backend=backend)[0].numpy()
     want = np.array([_log_ndtr_exact(v) for v in far.tolist()])
     assert np.abs(got[:2] - want[:2]).max() <= 1e-15 * np.abs(want[:2]).max()
@@ -243,9 +245,10 @@ def test_m2_only_offline_global_can_score(backend):
             lira.lira_scores(conf, keep, online=online, backend=backend)
 
 
-def test_fit_rule_drops_the_target_or_the_highest_index_model():
+def test_fit_rule_drops_the_target_or_the_hashed_member():
     """The fit rule itself: per target and example, the in- and out-fits hold n_in - 1 and n_out - 1
-    models; the target's own group drops the target, the other group its highest-index model.
+    models; the target's own group drops the target, the other group its member at
+    drop_position(n, size) (index order), which varies over the examples.
     Values 10^m (model m) make the fitted mean name the models used."""
     M, N = 6, 8
     keep = torch.rand(M, N, generator=torch.Generator().manual_seed(4)).argsort(0) < 3
@@ -256,9 +259,11 @@ def test_fit_rule_drops_the_target_or_the_highest_index_model():
         for t in range(M):
             for n in range(N):
                 grp = [m for m in range(M) if bool(g[m, n, 0])]
-                used = [m for m in grp if m != t] if t in grp else grp[:-1]
+                used = [m for m in grp if m != t] if t in grp else \
+                    [m for i, m in enumerate(grp) if i != ref.drop_position(n, len(grp))]
                 assert len(used) == 2
                 assert mu[t, n, 0].item() == pytest.approx(sum(10.0 ** m for m in used) / 2, rel=1e-12)
+    assert len({ref.drop_position(n, 3) for n in range(N)}) == 3
 
 
 def test_bad_inputs():
