@@ -152,12 +152,16 @@ def weighted_roc_metrics(scores: np.ndarray, keep: np.ndarray, rows: np.ndarray,
     last = torch.ones(len(s), dtype=torch.bool)
     last[:-1] = s[1:] != s[:-1]
     ends = last.nonzero().flatten()
-    R, C = torch.from_numpy(rows), torch.from_numpy(cols)
+    # fp32 is exact here: weights are small integers and every partial sum <= the total R * C
+    exact = rows.sum(1).max() * cols.sum(1).max() < 2 ** 24
+    wdt = torch.float32 if exact else torch.float64
+    R, C = torch.from_numpy(rows).to(wdt), torch.from_numpy(cols).to(wdt)
+    kw = k.to(wdt)
     out = {"auc": []} | {f"tpr@{f:g}": [] for f in fprs}
     for b0 in range(0, R.shape[0], chunk):
         w = R[b0:b0 + chunk][:, r_i] * C[b0:b0 + chunk][:, c_i]  # [b, L]
-        cp = torch.cumsum(w * k, 1)[:, ends]
-        cn = torch.cumsum(w * ~k, 1)[:, ends]
+        cp = torch.cumsum(w * kw, 1)[:, ends].double()
+        cn = torch.cumsum(w, 1)[:, ends].double() - cp
         P, Nn = cp[:, -1:], cn[:, -1:]
         pos = torch.diff(cp, dim=1, prepend=torch.zeros_like(cp[:, :1]))
         neg = torch.diff(cn, dim=1, prepend=torch.zeros_like(cn[:, :1]))
