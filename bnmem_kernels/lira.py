@@ -10,13 +10,27 @@ Typical use, all M models as targets in turn:
     s = lira.lira_scores(conf, keep)                         # keep [M, N] bool -> [M, N]
     metrics.roc_auc(s.flatten(), keep.flatten())
 
-Where this differs from the public LiRA code (tensorflow/privacy research/mi_lira_2021/score.py):
-  * every model is a target in turn and is always left out of its own Gaussian fit;
+Where this differs from the public LiRA code (tensorflow/privacy research/mi_lira_2021: its
+score.py only computes the logit confidence; the Gaussian fits are in plot.py, generate_ours
+(online) and generate_ours_offline):
+  * every model is a target in turn and is always left out of its own Gaussian fit; each group
+    also loses one model so that every target is fitted on n_in - 1 in- and n_out - 1 out-models
+    whatever its own membership (the target where it is in the group, else the member at
+    reference.lira.drop_position(n, size), a fixed hash of n). Plain leave-one-model-out scores
+    members below chance with no signal (null AUC 0.39 at M = 8); the public code has no such
+    bias (one separate target; every example's lists cut to one length per group);
   * variance="global" is one population std per augmentation over the pooled in-values (resp.
-    out-values) of all examples (without the target); the public "fixed variance" takes one std
-    over everything and, offline, uses the in-values' std for the out Gaussian;
+    out-values) of all examples (without the target), each group its own; the public online
+    generate_ours with fixed variance uses the in-values' std for BOTH Gaussians;
+  * center: the public code centres on the median; our default is the mean (center="mean"),
+    whose leave-one-out update is O(1) and which is the Gaussian's maximum-likelihood centre
+    (the median, more robust to outlying models, is center="median", exact and O(M log M));
   * no 1e-30 is added to the std; the sign is flipped so higher = member (the public code negates
     at the end too); offline_stat="logpdf" is the public code's two-sided offline variant.
+RMIA's population (rmia_scores pop_prob) is data no model trained on, queried by every model, as
+in the paper's code (Zarifzadeh et al.) where the population z is separate data; Pr(z) averages
+all models other than the target (Privacy Meter's choice of the R largest of 2R reference
+probabilities is not followed).
 """
 from __future__ import annotations
 
@@ -41,8 +55,12 @@ def lira_scores(conf: torch.Tensor, keep: torch.Tensor, *, online: bool = True,
                 backend: str | None = None) -> torch.Tensor:
     """LiRA scores of every model as target: conf [M, N, A], keep [M, N] bool -> score [M, N].
 
-    score[t, n] fits Gaussians over the other models only: in = {m != t : keep[m, n]},
-    out = {m != t : not keep[m, n]}; per augmentation a, mu = mean (center="mean") or numpy's
+    score[t, n] fits Gaussians over the other models only: in = {m : keep[m, n]} and
+    out = {m : not keep[m, n]}, each group losing one model: t where t belongs to it, else its
+    member at position reference.lira.drop_position(n, size) in model-index order (a fixed hash
+    of n, spreading the dropped model over the models). Every target is thus fitted on n_in - 1
+    in- and n_out - 1 out-models (M/2 - 1 each on balanced masks: the larger group drops one),
+    which keeps the scores calibrated with no signal (null AUC 0.5); per augmentation a, mu = mean (center="mean") or numpy's
     median (center="median", the mean of the two middle values for an even count), sigma = the
     population std (ddof = 0) about the mean, also with the median center; variance="global"
     takes instead one sigma per augmentation over all in-values (resp. out-values) of all
@@ -50,8 +68,8 @@ def lira_scores(conf: torch.Tensor, keep: torch.Tensor, *, online: bool = True,
       online=True:                       mean_a [log N(c; mu_in, s_in) - log N(c; mu_out, s_out)]
       online=False, offline_stat="one_sided": mean_a log Phi((c - mu_out) / s_out)
       online=False, offline_stat="logpdf":    mean_a -log N(c; mu_out, s_out)
-    Each group needs 2 models (per_example) or 1 (global) besides the target: scores lacking them
-    are NaN, with one RuntimeWarning giving their count (ValueError if none can be formed).
+    Each fit needs 2 models (per_example) or 1 (global) after the drop, i.e. n_in, n_out >= 3
+    (resp. 2): scores lacking them are NaN, with one RuntimeWarning giving their count (ValueError if none can be formed).
     M >= 2; conf finite (ValueError naming how many and where otherwise); keep bool (TypeError).
     A group whose values all coincide has zero spread: its scores are not finite, with a
     RuntimeWarning giving their count (the public code adds 1e-30 to the std instead).
@@ -65,7 +83,7 @@ def lira_scores(conf: torch.Tensor, keep: torch.Tensor, *, online: bool = True,
                            offline_stat=offline_stat, backend=backend)
 
 
-def rmia_scores(prob: torch.Tensor, keep: torch.Tensor, population: torch.Tensor | None = None, *,
+def rmia_scores(prob: torch.Tensor, keep: torch.Tensor, pop_prob: torch.Tensor, *,
                 gamma: float = 1.0, a: float = 0.3, offline: bool = True,
                 backend: str | None = None) -> torch.Tensor:
     """RMIA scores of every model as target: prob [M, N, A] in [0, 1], keep [M, N] bool -> [M, N].
@@ -73,15 +91,17 @@ def rmia_scores(prob: torch.Tensor, keep: torch.Tensor, population: torch.Tensor
     prob[m, n, a] = Pr(y_n | x_n augmented a; theta_m) (softmax probability of the label, NOT the
     logit confidence). For target t, Pr(x|theta) = mean_a prob[t, x, a] and, over the other models,
     Pr(x) = ((1 + a) mean_out(x) + (1 - a)) / 2 (offline, out-models only) or
-    (mean_in(x) + mean_out(x)) / 2 (online). ratio(x) = Pr(x|theta) / Pr(x). The population
-    Z_t = {z : population[z] and not keep[t, z]} (default population: all N examples, so Z_t is the
-    target's non-members). score[t, x] = |{z in Z_t : ratio(x) / ratio(z) > gamma}| / |Z_t|, a
-    fraction in [0, 1]. Leave-one-model-out as in lira_scores. NaN (with one warning) where the
-    other models give no out-model (offline) or no in- or out-model (online).
+    (mean_in(x) + mean_out(x)) / 2 (online), each group losing one model as in lira_scores.
+    ratio(x) = Pr(x|theta) / Pr(x). The population: pop_prob [M, P, A], the same probability for P
+    examples that NO model trained on (e.g. held-out test images), queried by every model; never the
+    target's own non-members (choosing z by the membership labels uses the answer). Pr(z) = the
+    mean over the models other than t (offline: ((1 + a) mean + (1 - a)) / 2).
+    score[t, x] = |{z : ratio(x) / ratio(z) > gamma}| / P, a fraction in [0, 1]. NaN (with one
+    warning) where fewer than 2 out-models (offline) or 2 in- and 2 out-models (online) exist.
     Backend: "reference" only (vectorized PyTorch, one sort per target + searchsorted, any device;
     BNMEM_BACKEND is not consulted, an explicit other backend raises BackendUnavailableError).
     """
-    return _ls.rmia_scores(prob, keep, population, gamma=gamma, a=a, offline=offline, backend=backend)
+    return _ls.rmia_scores(prob, keep, pop_prob, gamma=gamma, a=a, offline=offline, backend=backend)
 
 
 __all__ = ["logit_confidence", "lira_scores", "rmia_scores"]

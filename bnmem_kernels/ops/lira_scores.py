@@ -151,29 +151,39 @@ def lira_scores(conf, keep, *, online=True, variance="per_example", center="mean
     return score
 
 
-def rmia_scores(prob, keep, population=None, *, gamma=1.0, a=0.3, offline=True, backend=None):
+def rmia_scores(prob, keep, pop_prob, *, gamma=1.0, a=0.3, offline=True, backend=None):
     check_scores_inputs(prob, keep, "prob")
-    if not bool(torch.isfinite(prob).all()):
-        raise ValueError(describe_nonfinite(prob, "prob"))
-    if bool(((prob < 0) | (prob > 1)).any()):
-        raise ValueError("prob must hold probabilities in [0, 1] (softmax p_y), got values outside; "
-                         "pass torch.softmax(logits, -1).gather(-1, y) rather than logit confidences")
-    if population is not None:
-        if not isinstance(population, torch.Tensor) or population.dtype != torch.bool:
-            raise TypeError("population must be a bool tensor [N] (which examples serve as z) or None")
-        if population.shape != prob.shape[1:2]:
-            raise ValueError(f"population must be [N] = [{prob.shape[1]}], got {tuple(population.shape)}")
-        population = population.to(prob.device)
+    if isinstance(pop_prob, torch.Tensor) and pop_prob.dtype == torch.bool:
+        raise TypeError("pop_prob must be the population's probabilities [M, P, A] (examples no model "
+                        "trained on, e.g. held-out test images, queried by every model), not a bool mask: "
+                        "the target's own non-members are no longer used as the population")
+    if pop_prob is None:
+        raise TypeError("rmia_scores needs pop_prob [M, P, A]: the label probabilities of population examples "
+                        "that no model trained on (e.g. held-out test images), from the same M models")
+    require_tensor("pop_prob", pop_prob)
+    if pop_prob.dim() != 3 or pop_prob.shape[0] != prob.shape[0] or pop_prob.shape[1] == 0 or pop_prob.shape[2] == 0:
+        raise ValueError(f"pop_prob must be [M, P, A] with M = {prob.shape[0]} (the same models) and P, A >= 1, "
+                         f"got {tuple(pop_prob.shape)}")
+    pop_prob = pop_prob.to(prob.device)
+    for name, x in (("prob", prob), ("pop_prob", pop_prob)):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(describe_nonfinite(x, name))
+        if bool(((x < 0) | (x > 1)).any()):
+            raise ValueError(f"{name} must hold probabilities in [0, 1] (softmax p_y), got values outside; "
+                             "pass torch.softmax(logits, -1).gather(-1, y) rather than logit confidences")
     if not gamma > 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
     if not 0 <= a <= 1:
         raise ValueError(f"a must be in [0, 1], got {a}")
     if backend is not None:  # one implementation: BNMEM_BACKEND is not consulted, an explicit other raises
         _backend.select_backend("rmia_scores", prob.device, backend, RMIA_IMPLEMENTED)
-    k = keep.to(torch.int64)
-    n_in, n_out = k.sum(0) - k, (1 - k).sum(0) - (1 - k)
-    valid = (n_out >= 1) if offline else (n_out >= 1) & (n_in >= 1)
-    _warn_or_raise_invalid(valid, "rmia_scores", "no out-model" + ("" if offline else " or no in-model")
-                           + " besides the target")
-    score = ref.rmia_scores_torch(prob, keep, population, gamma=gamma, a=a, offline=offline)
+    n_in = keep.to(torch.int64).sum(0)
+    n_out = keep.shape[0] - n_in
+    ok = n_out - 1 >= 1
+    if not offline:
+        ok &= n_in - 1 >= 1
+    valid = ok[None, :].expand(keep.shape)
+    _warn_or_raise_invalid(valid, "rmia_scores", "fewer than 2 out-models" + ("" if offline else " or 2 in-models")
+                           + " (each group loses one model to the fit rule)")
+    score = ref.rmia_scores_torch(prob, keep, pop_prob, gamma=gamma, a=a, offline=offline)
     return score.to(out_dtype(prob.dtype))

@@ -10,7 +10,15 @@ Two implementations of every score:
 
 conf [M, N, A]: confidences (logit_confidence) of M models on N examples and A augmentations.
 keep [M, N] bool: example n was in model m's training set. score[t, n] uses model t as the
-target and the OTHER models as shadows: in = {m != t : keep[m, n]}, out = {m != t : not keep[m, n]}.
+target and OTHER models as shadows. The fit rule ("drop one from each group"): the in-group
+{m : keep[m, n]} and the out-group {m : not keep[m, n]} each lose exactly one model before the
+fit: the target itself if it belongs to the group, else the group's member at position
+drop_position(n, group size) in model-index order (a fixed hash of n). Every
+target is so fitted on n_in - 1 in-models and n_out - 1 out-models, whatever its own membership
+(on balanced masks: M/2 - 1 each, the larger group dropping one model). Plain
+leave-one-model-out (n_in - 1 vs n_out when the target is in, n_in vs n_out - 1 when out) ties
+the fit sizes to the answer and scores members BELOW chance when there is no signal (MATH.md,
+"Null bias of leave-one-model-out"); this rule has no such bias for any mask.
 """
 from __future__ import annotations
 
@@ -28,6 +36,15 @@ MIN_GLOBAL = 1
 MIN_POOLED = 2  # values pooled over examples for a global std
 
 
+def drop_position(n, size):
+    """Which member (0-based, in model-index order) a group of `size` models loses at example n
+    when the target is not in it: ((n * 2654435761) mod 2^32) >> 16, mod size. A fixed hash of
+    the example index, the same in every backend: it spreads the dropped model evenly over the
+    models (a fixed choice such as "the highest index" always drops the same model, and trained
+    models differ: with per-model offsets that biases the null AUC to 0.46/0.54 at M = 4)."""
+    return (((n * 2654435761) & 0xFFFFFFFF) >> 16) % size
+
+
 def needed_counts(online: bool, variance: str) -> tuple[int, int]:
     """(fewest in-models, fewest out-models) the estimator needs for one example."""
     need = MIN_PER_EXAMPLE if variance == "per_example" else MIN_GLOBAL
@@ -35,18 +52,19 @@ def needed_counts(online: bool, variance: str) -> tuple[int, int]:
 
 
 def valid_mask(keep: torch.Tensor, online: bool, variance: str) -> torch.Tensor:
-    """[M, N] bool: which scores the estimator can form (enough in/out models without the target).
+    """[M, N] bool: which scores the estimator can form (enough in/out models in the fit).
 
-    Without target t, example n has n_in - keep[t, n] in-models and n_out - (1 - keep[t, n])
-    out-models, so validity is a per-example pair (t in, t out) picked by keep. O(M N)."""
+    Every target's fit of example n uses n_in - 1 in-models and n_out - 1 out-models (one dropped
+    from each group, see the module docstring), so validity is per example (and, for the global
+    std, per target). O(M N)."""
     M, N = keep.shape
     n_in = keep.view(torch.uint8).sum(0, dtype=torch.int64)  # [N] (a bool reduction is ~2x slower)
     n_out = M - n_in
     need_in, need_out = needed_counts(online, variance)
-    if_in = (n_in - 1 >= need_in) & (n_out >= need_out)     # [N]: valid when the target is an in-model
-    if_out = (n_in >= need_in) & (n_out - 1 >= need_out)    # [N]: ... an out-model
-    # keep ? if_in : if_out, as bool algebra (torch.where on bools broadcast over [M, N] is ~40x slower)
-    ok = if_out[None, :] ^ (keep & (if_in ^ if_out)[None, :])
+    ok_n = n_out - 1 >= need_out
+    if online:
+        ok_n &= n_in - 1 >= need_in
+    ok = ok_n[None, :].expand(M, N).clone()
     if variance == "global":  # values pooled over examples for target t's global std
         own_in = keep.sum(1, dtype=torch.int64)  # [M]
         pooled_in, pooled_out = n_in.sum() - own_in, n_out.sum() - (N - own_in)
@@ -72,13 +90,15 @@ def lira_scores_loop(conf, keep, *, online=True, variance="per_example", center=
                      offline_stat="one_sided"):
     """The oracle: public-LiRA-style loop over targets and examples, numpy fp64. Returns np [M, N].
 
-    Differences from the public LiRA code (github.com/tensorflow/privacy, lira/score.py), on purpose:
-    every model is a target in turn and is left out of its own fit (the public script scores one
-    target against all shadows); the global ("fixed") variance is one population std per
-    augmentation over the pooled in-values (resp. out-values) of all examples, where the public
-    code takes np.std over everything and, in the offline case, also uses the in-values' std for
-    the out Gaussian; no +1e-30 is added to the std; the sign is flipped so higher = member.
-    Scores the estimator cannot form (too few models) are NaN.
+    Differences from the public LiRA code (github.com/tensorflow/privacy, research/mi_lira_2021,
+    whose Gaussian fits are in plot.py, generate_ours / generate_ours_offline), on purpose:
+    every model is a target in turn and is left out of its own fit, and each group drops one
+    model (the target, else its drop_position-th member: fit sizes n_in - 1, n_out - 1 whatever the
+    target's membership; the public script scores one separate target against all shadows and
+    cuts every example's in- and out-lists to one length each); the global ("fixed") variance is
+    one population std per augmentation over the pooled in-values (resp. out-values) of all
+    examples (the public online code takes the in-values' std for both Gaussians); no +1e-30 is
+    added to the std; higher = member. Scores the estimator cannot form (too few models) are NaN.
     """
     conf = np.asarray(conf, dtype=np.float64)
     keep = np.asarray(keep, dtype=bool)
@@ -96,7 +116,13 @@ def lira_scores_loop(conf, keep, *, online=True, variance="per_example", center=
         for n in range(N):
             dat_in = c_o[k_o[:, n], n, :]
             dat_out = c_o[~k_o[:, n], n, :]
-            if len(dat_in) < need_in or len(dat_out) < need_out:
+            # each group loses one model: the target (already out) or its drop_position-th member
+            if keep[t, n]:
+                if len(dat_out):
+                    dat_out = np.delete(dat_out, drop_position(n, len(dat_out)), axis=0)
+            elif len(dat_in):
+                dat_in = np.delete(dat_in, drop_position(n, len(dat_in)), axis=0)
+            if (online and len(dat_in) < need_in) or len(dat_out) < need_out:
                 continue
             sc = conf[t, n, :]
             mu_out = agg(dat_out, axis=0)
@@ -113,37 +139,40 @@ def lira_scores_loop(conf, keep, *, online=True, variance="per_example", center=
     return out
 
 
-def rmia_scores_loop(prob, keep, population=None, *, gamma=1.0, a=0.3, offline=True):
+def rmia_scores_loop(prob, keep, pop_prob, *, gamma=1.0, a=0.3, offline=True):
     """RMIA oracle (Zarifzadeh et al. 2024), per target and example in numpy fp64. Returns np [M, N].
 
     For target t: Pr(x|theta_t) = prob[t, x] (mean over augmentations); Pr(x) from the other
-    models: offline ((1 + a) mean_out(x) + (1 - a)) / 2, online (mean_in(x) + mean_out(x)) / 2.
-    ratio(x) = Pr(x|theta_t) / Pr(x); Z_t = {z in population : not keep[t, z]};
-    score[t, x] = |{z in Z_t : ratio(x) / ratio(z) > gamma}| / |Z_t|.
+    models, each group losing one model as in lira_scores_loop: offline ((1 + a) mean_out(x) +
+    (1 - a)) / 2, online (mean_in(x) + mean_out(x)) / 2. The population: pop_prob [M, P, A],
+    examples no model trained on; Pr(z) = mean over the models other than t (offline: ((1 + a)
+    mean + (1 - a)) / 2). ratio = Pr(.|theta_t) / Pr(.);
+    score[t, x] = |{z : ratio(x) / ratio(z) > gamma}| / P.
     """
     prob = np.asarray(prob, dtype=np.float64).mean(axis=2)
+    pop = np.asarray(pop_prob, dtype=np.float64).mean(axis=2)
     keep = np.asarray(keep, dtype=bool)
     M, N = prob.shape
-    pop = np.ones(N, bool) if population is None else np.asarray(population, bool)
     out = np.full((M, N), np.nan)
     for t in range(M):
         others = np.arange(M) != t
         p_o, k_o = prob[others], keep[others]
-        ratio = np.full(N, np.nan)
+        mz = pop[others].mean(axis=0)
+        pz = ((1 + a) * mz + (1 - a)) / 2 if offline else mz
+        rz = pop[t] / pz
         for x in range(N):
             p_out = p_o[~k_o[:, x], x]
             p_in = p_o[k_o[:, x], x]
+            if keep[t, x]:
+                if len(p_out):
+                    p_out = np.delete(p_out, drop_position(x, len(p_out)))
+            elif len(p_in):
+                p_in = np.delete(p_in, drop_position(x, len(p_in)))
             if len(p_out) < 1 or (not offline and len(p_in) < 1):
                 continue
             px = ((1 + a) * p_out.mean() + (1 - a)) / 2 if offline else (p_in.mean() + p_out.mean()) / 2
-            ratio[x] = prob[t, x] / px
-        z = pop & ~keep[t] & ~np.isnan(ratio)
-        if not z.any():
-            continue
-        rz = ratio[z]
-        for x in range(N):
-            if not np.isnan(ratio[x]):
-                out[t, x] = np.mean(ratio[x] / rz > gamma)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[t, x] = np.mean(prob[t, x] / px / rz > gamma)
     return out
 
 
@@ -178,27 +207,40 @@ def global_std(conf: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.stack(res)
 
 
-def _loo_mean_std(x, g):
-    """Leave-one-model-out mean and population std of group g for every target t.
+def dropped_value(x, g):
+    """[M, N, A]: for every target t, the value group g loses before the fit: x[t] where t is in g,
+    else the value of g's member at drop_position(n, |g|) in model-index order (any value where g
+    is empty: no fit is formed then). x [M, N, A], g [M, N, 1] bool."""
+    M, N = x.shape[:2]
+    idx = torch.arange(M, device=x.device).view(M, 1)
+    members = torch.where(g[..., 0], idx, M + idx).argsort(0)  # [M, N]: members first, in index order
+    size = g[..., 0].sum(0)                                     # [N]
+    pos = drop_position(torch.arange(N, device=x.device, dtype=torch.int64), size.clamp_min(1))
+    pick = members.gather(0, pos[None, :])                      # [1, N]
+    x_pick = x.gather(0, pick[..., None].expand(1, N, x.shape[2]))
+    return torch.where(g, x, x_pick)
 
-    x [M, N, A] fp64, g [M, N, 1] bool. Returns mean_t, std_t [M, N, A], count_t [M, N, 1]: the
-    group's statistics without model t (the full group's where t is not in it)."""
+
+def _fit_mean_std(x, g, x_drop):
+    """Mean and population std of group g without one value (x_drop, a member's value) for every
+    target t: x [M, N, A] fp64, g [M, N, 1] bool, x_drop [M, N, A]. Centred running sums: the
+    group's sums minus the dropped value's share, O(M N A)."""
     gw = g.double()
     cnt = gw.sum(0)  # [N, 1]
     mean = (x * gw).sum(0) / cnt.clamp_min(1)
     d = (x - mean) * gw  # centred on the group's own mean; 0 outside the group
     s1, s2 = d.sum(0), (d * d).sum(0)
-    cnt_t = cnt - gw
-    s1_t, s2_t = s1 - d, s2 - d * d
-    m_t = s1_t / cnt_t
-    return mean + m_t, (s2_t / cnt_t - m_t * m_t).clamp_min(0).sqrt(), cnt_t
+    d_t = x_drop - mean
+    cnt_t = cnt - 1
+    m_t = (s1 - d_t) / cnt_t
+    return mean + m_t, ((s2 - d_t * d_t) / cnt_t - m_t * m_t).clamp_min(0).sqrt()
 
 
-def _loo_median(x, g):
-    """Leave-one-model-out median (numpy's even-count convention) of group g for every target.
+def _fit_median(x, g, x_drop):
+    """Median (numpy's even-count convention) of group g without one copy of x_drop, per target.
 
-    One sort per (n, a); the median without t then needs only the sorted list's middle values:
-    removing a value at or below the middle shifts the upper half down by one."""
+    One sort per (n, a); removing a value at or below the middle shifts the upper half down by
+    one, so the median without it needs only the sorted list's middle values."""
     M = x.shape[0]
     s = torch.where(g, x, torch.inf).sort(0).values  # group values first, ascending
     L = g.sum(0, keepdim=True).expand_as(x)  # [1, N, A] -> [M, N, A] group size
@@ -206,15 +248,24 @@ def _loo_median(x, g):
     def at(i):
         return s.gather(0, i.clamp(0, M - 1))
 
-    full = torch.where(L % 2 == 1, at((L - 1) // 2), 0.5 * (at(L // 2 - 1) + at(L // 2)))
-    # without t (t in the group): L' = L - 1
-    h_even = L // 2 - 1  # L even -> L' odd, median = s'[h]
-    loo_odd = torch.where(x <= at(h_even), at(h_even + 1), at(h_even))
-    h = (L - 1) // 2  # L odd -> L' even, median = (s'[h-1] + s'[h]) / 2
+    h_even = L // 2 - 1  # L even -> L - 1 odd, median = s'[h]
+    loo_odd = torch.where(x_drop <= at(h_even), at(h_even + 1), at(h_even))
+    h = (L - 1) // 2  # L odd -> L - 1 even, median = (s'[h-1] + s'[h]) / 2
     lo, mid, hi = at(h - 1), at(h), at(h + 1)
-    loo_even = torch.where(x <= lo, 0.5 * (mid + hi), torch.where(x >= hi, 0.5 * (lo + mid), 0.5 * (lo + hi)))
-    loo = torch.where(L % 2 == 0, loo_odd, loo_even)
-    return torch.where(g, loo, full)
+    loo_even = torch.where(x_drop <= lo, 0.5 * (mid + hi),
+                           torch.where(x_drop >= hi, 0.5 * (lo + mid), 0.5 * (lo + hi)))
+    return torch.where(L % 2 == 0, loo_odd, loo_even)
+
+
+def _loo_median(x, g):
+    """Plain leave-one-model-out median (t dropped where in g, the full group's median elsewhere):
+    kept for its index-arithmetic test; the scores use _fit_median (one model dropped always)."""
+    M = x.shape[0]
+    s = torch.where(g, x, torch.inf).sort(0).values
+    L = g.sum(0, keepdim=True).expand_as(x)
+    full = torch.where(L % 2 == 1, s.gather(0, ((L - 1) // 2).clamp(0, M - 1)),
+                       0.5 * (s.gather(0, (L // 2 - 1).clamp(0, M - 1)) + s.gather(0, (L // 2).clamp(0, M - 1))))
+    return torch.where(g, _fit_median(x, g, x), full)
 
 
 def _logpdf(c, mu, s):
@@ -232,8 +283,10 @@ def lira_scores_torch(conf, keep, *, online=True, variance="per_example", center
     for name, g, row in (("in", k, 0), ("out", ~k, 1)):
         if name == "in" and not online:
             continue
-        mean, std, _ = _loo_mean_std(x, g)
-        mu = _loo_median(x, g) if center == "median" else mean
+        x_drop = dropped_value(x, g)
+        mu, std = _fit_mean_std(x, g, x_drop)
+        if center == "median":
+            mu = _fit_median(x, g, x_drop)
         if gstd is not None:
             std = gstd[row][:, None, :].expand_as(x)
         stats[name] = (mu, std)
@@ -249,35 +302,50 @@ def lira_scores_torch(conf, keep, *, online=True, variance="per_example", center
     return torch.where(valid_mask(keep, online, variance), score, torch.nan)
 
 
+def _group_mean_dropped(p, g):
+    """[M, N]: mean of p over group g (bool [M, N]) without one model per target (the target where
+    it is in g, else its drop_position-th member), and that count (n_g - 1)."""
+    x_drop = dropped_value(p[..., None], g[..., None])[..., 0]
+    gw = g.double()
+    cnt = gw.sum(0) - 1
+    return ((p * gw).sum(0) - x_drop) / cnt, cnt
+
+
 def rmia_ratio(prob, keep, *, a=0.3, offline=True):
-    """[M, N] fp64: Pr(x | theta_t) / Pr(x), Pr(x) from the models other than t (NaN if too few)."""
+    """[M, N] fp64: Pr(x | theta_t) / Pr(x), Pr(x) from the other models with one model dropped
+    from each group as in lira_scores (n_in - 1 in-, n_out - 1 out-models; NaN if too few)."""
     p = prob.double().mean(2)  # [M, N]
-    kw = keep.double()
-    sum_in, cnt_in = (p * kw).sum(0) - p * kw, kw.sum(0) - kw
-    sum_out, cnt_out = (p * (1 - kw)).sum(0) - p * (1 - kw), (1 - kw).sum(0) - (1 - kw)
-    mean_out = sum_out / cnt_out
+    mean_out, cnt_out = _group_mean_dropped(p, ~keep)
     if offline:
         px = ((1 + a) * mean_out + (1 - a)) / 2
         ok = cnt_out >= 1
     else:
-        px = (sum_in / cnt_in + mean_out) / 2
+        mean_in, cnt_in = _group_mean_dropped(p, keep)
+        px = (mean_in + mean_out) / 2
         ok = (cnt_out >= 1) & (cnt_in >= 1)
+    ok = ok[None, :].expand_as(p)
     return torch.where(ok, p / px, torch.nan)
 
 
-def rmia_scores_torch(prob, keep, population=None, *, gamma=1.0, a=0.3, offline=True):
+def rmia_population_ratio(pop_prob, *, a=0.3, offline=True):
+    """[M, P] fp64: Pr(z | theta_t) / Pr(z) for population examples z that no model trained on:
+    Pr(z) = the mean over the models other than t (offline: ((1 + a) mean + (1 - a)) / 2)."""
+    q = pop_prob.double().mean(2)  # [M, P]
+    M = q.shape[0]
+    mean = (q.sum(0, keepdim=True) - q) / (M - 1)
+    pz = ((1 + a) * mean + (1 - a)) / 2 if offline else mean
+    return q / pz
+
+
+def rmia_scores_torch(prob, keep, pop_prob, *, gamma=1.0, a=0.3, offline=True):
     """Vectorized RMIA [M, N] (fp64): one sort of the population ratios per target + searchsorted."""
     ratio = rmia_ratio(prob, keep, a=a, offline=offline)
-    M, N = ratio.shape
-    pop = torch.ones(N, dtype=torch.bool, device=ratio.device) if population is None else population
-    z = pop[None, :] & ~keep & ~ratio.isnan()
-    nz = z.sum(1, keepdim=True)
-    rz = torch.where(z, ratio, torch.inf).sort(1).values
-    # ratio(x) / ratio(z) > gamma  <=>  ratio(z) < ratio(x) / gamma   (ratios > 0)
+    rz = rmia_population_ratio(pop_prob, a=a, offline=offline).sort(1).values.contiguous()
+    # ratio(x) / ratio(z) > gamma  <=>  ratio(z) < ratio(x) / gamma   (ratios >= 0)
     q = (ratio / gamma).contiguous()
     below = torch.searchsorted(rz, torch.where(ratio.isnan(), 0.0, q), side="left")
-    score = below.double() / nz
-    return torch.where(ratio.isnan() | (nz == 0), torch.nan, score)
+    score = below.double() / rz.shape[1]
+    return torch.where(ratio.isnan(), torch.nan, score)
 
 
 def logit_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

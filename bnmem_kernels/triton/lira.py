@@ -3,8 +3,10 @@
 lira_scores: program p owns a block of BN examples and holds the [BN, BM] tile of (example, model)
 values of one augmentation at a time (BM = M padded to a power of 2, models on the last axis).
 Per row: the in/out group means, centred sums S1, S2, and (median) one tl.sort of each group
-padded with +inf; each target's own value is then subtracted in place (leave-one-model-out) or
-its median read from the sorted middle values; the Gaussian log-likelihoods are accumulated over
+padded with +inf; each group then loses one model per target (the target itself where it is in
+the group, else its member at drop_position(n, size), a fixed hash of n: the null-unbiased fit
+rule of reference/lira.py),
+whose value is subtracted in place or the median without it read from the sorted middle values; the Gaussian log-likelihoods are accumulated over
 augmentations in registers and written once: reads M N A values, writes M N scores, no other
 memory traffic (global stds, [2, M, A], come precomputed). The group statistics (centred sums and
 the leave-one-out downdate) run in fp64 for every input dtype; the log-likelihoods run in the
@@ -17,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-LOG_SQRT_2PI = 0.91893853320467274178
+# a global read inside @triton.jit must be a tl.constexpr (a plain float compiles in the CPU
+# interpreter only: every GPU compile of these kernels failed with it)
+LOG_SQRT_2PI = tl.constexpr(0.91893853320467274178)
 
 
 @triton.jit
@@ -47,22 +51,29 @@ def _pick(s, idx, rm):
 
 
 @triton.jit
-def _group_center(x, g, cnt, rm, MEDIAN: tl.constexpr):
-    """Leave-one-out mean/median and std of group g for every target (full group where t not in g).
+def _group_center(x, g, cnt, rn, rm, MEDIAN: tl.constexpr):
+    """Mean/median and std of group g without one model, for every target: the target where it is
+    in g, else g's member at drop_position(n, cnt) in model-index order (fit size cnt - 1 always).
 
-    The sums and the downdate run in fp64 also for fp32 inputs: removing an outlying target from
-    a small group cancels (S2 - d_t^2), which fp32 cannot resolve even centred."""
+    The sums and the downdate run in fp64 also for fp32 inputs: removing an outlying value from
+    a small group cancels (S2 - d^2), which fp32 cannot resolve even centred."""
     out_dtype = x.dtype
     x = x.to(tl.float64)
     cntf = cnt.to(tl.float64)
+    h = ((rn.to(tl.int64) * 2654435761) & 0xFFFFFFFF) >> 16   # drop_position(n, cnt)
+    pos = (h % tl.maximum(cnt, 1).to(tl.int64)).to(tl.int32)
+    rank = tl.cumsum(g.to(tl.int32), axis=1) - 1                # position of each member
+    x_pick = tl.sum(tl.where(g & (rank == pos[:, None]), x, 0.0), axis=1)
+    x_drop = tl.where(g, x, x_pick[:, None])
     mean = tl.sum(tl.where(g, x, 0.0), axis=1) / tl.maximum(cntf, 1.0)
     d = tl.where(g, x - mean[:, None], 0.0)
     s1 = tl.sum(d, axis=1)
     s2 = tl.sum(d * d, axis=1)
-    n_t = cntf[:, None] - g.to(x.dtype)
-    m_t = (s1[:, None] - d) / n_t
+    n_t = cntf[:, None] - 1.0
+    d_t = x_drop - mean[:, None]
+    m_t = (s1[:, None] - d_t) / n_t
     mu = mean[:, None] + m_t
-    var = tl.maximum((s2[:, None] - d * d) / n_t - m_t * m_t, 0.0)
+    var = tl.maximum((s2[:, None] - d_t * d_t) / n_t - m_t * m_t, 0.0)
     if MEDIAN:
         srt = tl.sort(tl.where(g, x, float("inf")), dim=1)
         p = (cnt - 1) // 2
@@ -70,10 +81,10 @@ def _group_center(x, g, cnt, rm, MEDIAN: tl.constexpr):
         mid = _pick(srt, p, rm)[:, None]
         hi = _pick(srt, p + 1, rm)[:, None]
         even = (cnt % 2 == 0)[:, None]
-        full = tl.where(even, 0.5 * (mid + hi), mid)
-        loo_even = tl.where(x <= mid, hi, mid)  # L even: L - 1 odd
-        loo_odd = tl.where(x <= lo, 0.5 * (mid + hi), tl.where(x >= hi, 0.5 * (lo + mid), 0.5 * (lo + hi)))
-        mu = tl.where(g, tl.where(even, loo_even, loo_odd), full)
+        loo_even = tl.where(x_drop <= mid, hi, mid)  # L even: L - 1 odd
+        loo_odd = tl.where(x_drop <= lo, 0.5 * (mid + hi),
+                           tl.where(x_drop >= hi, 0.5 * (lo + mid), 0.5 * (lo + hi)))
+        mu = tl.where(even, loo_even, loo_odd)
     return mu.to(out_dtype), tl.sqrt(var).to(out_dtype)
 
 
@@ -91,16 +102,14 @@ def lira_scores_kernel(conf_ptr, keep_ptr, gstd_ptr, out_ptr, M, N, A,
     gout = (~k) & inside
     n_in = tl.sum(gin.to(tl.int32), axis=1)
     n_out = tl.sum(gout.to(tl.int32), axis=1)
-    ci = n_in[:, None] - gin.to(tl.int32)
-    co = n_out[:, None] - gout.to(tl.int32)
     acc = tl.zeros((BN, BM), dtype=ACC)
     for a in range(0, A):
         x = tl.load(conf_ptr + rm[None, :] * s_cm + rn[:, None] * s_cn + a * s_ca, mask=inside, other=0.0).to(ACC)
-        mu_o, s_o = _group_center(x, gout, n_out, rm, MEDIAN)
+        mu_o, s_o = _group_center(x, gout, n_out, rn, rm, MEDIAN)
         if GLOBAL:
             s_o = tl.load(gstd_ptr + (M + rm) * A + a, mask=rm < M, other=1.0).to(ACC)[None, :] + 0.0 * x
         if ONLINE:
-            mu_i, s_i = _group_center(x, gin, n_in, rm, MEDIAN)
+            mu_i, s_i = _group_center(x, gin, n_in, rn, rm, MEDIAN)
             if GLOBAL:
                 s_i = tl.load(gstd_ptr + rm * A + a, mask=rm < M, other=1.0).to(ACC)[None, :] + 0.0 * x
             v = _norm_logpdf(x, mu_i, s_i) - _norm_logpdf(x, mu_o, s_o)
@@ -109,7 +118,9 @@ def lira_scores_kernel(conf_ptr, keep_ptr, gstd_ptr, out_ptr, M, N, A,
         else:
             v = _log_ndtr((x - mu_o) / s_o)
         acc += tl.where(inside, v, 0.0)
-    ok = (ci >= NEED_IN) & (co >= NEED_OUT)
+    ok = (n_out[:, None] - 1 >= NEED_OUT) & (rm[None, :] >= 0)  # every target: n_in - 1 in, n_out - 1 out
+    if ONLINE:
+        ok = ok & (n_in[:, None] - 1 >= NEED_IN)
     score = tl.where(ok, acc / A, float("nan"))
     tl.store(out_ptr + rm[None, :] * N + rn[:, None], score, mask=inside)
 

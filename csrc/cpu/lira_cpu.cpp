@@ -2,9 +2,11 @@
 //
 // lira_scores streams over examples n: per (n, a) one pass for the in/out group means, one for the
 // centred sums S1 = sum d, S2 = sum d^2 (d = x - group mean), and for center=median one sort of
-// each group. Target t's own contribution is then subtracted in O(1) (mean/std) or read off the
-// sorted list's middle values (median), fused with the Gaussian log-likelihoods and the mean
-// over augmentations. Everything is computed in fp64 (fp32 inputs are widened), O(M N A) work
+// each group. Each group then loses one model for target t (t itself if t is in the group, else
+// the group's member at drop_position(n, size) in index order, a fixed hash of n: fit sizes n_in - 1 and n_out - 1 whatever t's membership, the
+// null-unbiased rule of reference/lira.py): its contribution is subtracted in O(1) (mean/std) or
+// read off the sorted list's middle values (median), fused with the Gaussian log-likelihoods and
+// the mean over augmentations. Everything is computed in fp64 (fp32 inputs are widened), O(M N A) work
 // (plus O(M log M) per (n, a) for the median). Each thread works through its examples in blocks of
 // ~8192 (target, example, augmentation) terms (scratch: 3 such buffers per thread, 192 KB): the
 // offline one-sided log Phi runs vectorized over a whole block (log_ndtr_block).
@@ -80,22 +82,24 @@ inline double loo_median(const double* s, int64_t L, double x) {
   if (x >= hi) return 0.5 * (lo + mid);
   return 0.5 * (lo + hi);
 }
-inline double full_median(const double* s, int64_t L) {
-  return L % 2 == 1 ? s[(L - 1) / 2] : 0.5 * (s[L / 2 - 1] + s[L / 2]);
+
+// The group member (0-based, in model-index order) a group of `size` models loses at example n when
+// the target is not in it; the same hash as reference/lira.py drop_position.
+inline int64_t drop_position(int64_t n, int64_t size) {
+  const uint32_t h = static_cast<uint32_t>(static_cast<uint64_t>(n) * 2654435761ull);
+  return static_cast<int64_t>(h >> 16) % size;
 }
 
 struct Group {
   int64_t cnt = 0;
-  double mean = 0, s1 = 0, s2 = 0, inv_full = 0, inv_loo = 0;  // 1 / cnt, 1 / (cnt - 1)
+  double mean = 0, s1 = 0, s2 = 0, inv_loo = 0;  // 1 / (cnt - 1)
   inline void finish() {
-    inv_full = cnt > 0 ? 1.0 / static_cast<double>(cnt) : 0.0;
     inv_loo = cnt > 1 ? 1.0 / static_cast<double>(cnt - 1) : 0.0;
   }
-  // mean and population variance over the group, without d_t (= x_t - mean) when `drop`
-  // (multiplications by the precomputed reciprocals: no division per target).
-  inline void stats(bool drop, double d_t, double& mu, double& var) const {
-    const double inv = drop ? inv_loo : inv_full;
-    const double d = drop ? d_t : 0.0;
+  // mean and population variance over the group without the dropped member (d = its value - mean)
+  // (multiplications by the precomputed reciprocal: no division per target).
+  inline void stats(double d, double& mu, double& var) const {
+    const double inv = inv_loo;
     const double m = (s1 - d) * inv;
     mu = mean + m;
     var = (s2 - d * d) * inv - m * m;
@@ -121,19 +125,23 @@ void lira_scores_range(const scalar_t* conf, const bool* keep, const double* gst
     std::vector<double> x(M * A), sin(M), sout(M), val(NB * M * A), h, y;
     if (one_sided) h.resize(val.size()), y.resize(val.size());
     std::vector<char> k(M);
+    std::vector<int64_t> mem_in(M), mem_out(M);
     for (int64_t n0 = begin; n0 < end; n0 += NB) {
       const int64_t n1 = std::min(end, n0 + NB);
       for (int64_t n = n0; n < n1; ++n) {
         // val[((n - n0) * M + t) * A + a]: target t's term of augmentation a (NaN: t cannot be scored)
         double* vn = val.data() + (n - n0) * M * A;
-        int64_t n_in = 0;
+        int64_t n_in = 0, n_o = 0;
         for (int64_t m = 0; m < M; ++m) {
           k[m] = keep[m * N + n];
-          n_in += k[m];
+          (k[m] ? mem_in[n_in++] : mem_out[n_o++]) = m;  // members in index order
           const scalar_t* row = conf + (m * N + n) * A;
           for (int64_t a = 0; a < A; ++a) x[m * A + a] = static_cast<double>(row[a]);
         }
         const int64_t n_out = M - n_in;
+        // the model each group loses for targets outside it
+        const int64_t pick_in = n_in ? mem_in[drop_position(n, n_in)] : 0;
+        const int64_t pick_out = n_out ? mem_out[drop_position(n, n_out)] : 0;
         for (int64_t a = 0; a < A; ++a) {
           Group gi, go;
           gi.cnt = n_in;
@@ -162,24 +170,27 @@ void lira_scores_range(const scalar_t* conf, const bool* keep, const double* gst
             std::sort(sin.begin(), sin.begin() + li);
             std::sort(sout.begin(), sout.begin() + lo);
           }
-          // target t can be scored iff its groups keep enough models without it
-          const bool ok_in = n_in - 1 >= need_in && n_out >= need_out;
-          const bool ok_out = n_in >= need_in && n_out - 1 >= need_out;
+          // every target is fitted on n_in - 1 in- and n_out - 1 out-models: valid per example
+          const bool ok = (!online || n_in - 1 >= need_in) && n_out - 1 >= need_out;
+          const double x_pick_in = x[pick_in * A + a], x_pick_out = x[pick_out * A + a];
           for (int64_t t = 0; t < M; ++t) {
-            const bool t_in = k[t], ok = t_in ? ok_in : ok_out;
+            const bool t_in = k[t];
             const double c = x[t * A + a];
+            // the value each group loses: t's own, or the group's picked model's
+            const double drop_o = t_in ? x_pick_out : c;
             // variances, not stds: the online log-ratio needs one log and no sqrt
             double mu_o, var_o;
-            go.stats(!t_in, c - go.mean, mu_o, var_o);
+            go.stats(drop_o - go.mean, mu_o, var_o);
             // (the medians read only inside the groups: only where t can be scored)
-            if (median && ok) mu_o = t_in ? full_median(sout.data(), lo) : loo_median(sout.data(), lo, c);
+            if (median && ok) mu_o = loo_median(sout.data(), lo, drop_o);
             if (gstd) var_o = gstd[(1 * M + t) * A + a] * gstd[(1 * M + t) * A + a];
             const double e_o = (c - mu_o) * (c - mu_o);
             double v;
             if (online) {
+              const double drop_i = t_in ? c : x_pick_in;
               double mu_i, var_i;
-              gi.stats(t_in, c - gi.mean, mu_i, var_i);
-              if (median && ok) mu_i = t_in ? loo_median(sin.data(), li, c) : full_median(sin.data(), li);
+              gi.stats(drop_i - gi.mean, mu_i, var_i);
+              if (median && ok) mu_i = loo_median(sin.data(), li, drop_i);
               if (gstd) var_i = gstd[t * A + a] * gstd[t * A + a];
               // log N(c; mu_i, s_i) - log N(c; mu_o, s_o)
               // one division: r = 1 / (var_i var_o)

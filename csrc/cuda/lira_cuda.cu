@@ -7,10 +7,16 @@
 // lira_scores: a block owns E consecutive examples and all M models; its E * A (example,
 // augmentation) columns are contiguous in every model row of conf, staged 32 columns at a time in
 // shared memory (coalesced reads). Per column: in/out group means and centred sums S1, S2 over the
-// models (fp64), for center=median the middle order statistics of each group by ranking in shared
-// memory; then every thread scores its targets t (leave-one-model-out by subtracting t's own value,
-// Gaussian log-likelihoods in the input precision) and the columns are folded into per-example sums
-// in column order (deterministic). Each conf value is read once, each score written once.
+// models (fp64), for center=median the middle order statistics of each group from a bitonic sort of
+// the column's (group, value) keys in shared memory (O(M log^2 M) comparisons over all threads,
+// depth O(log^2 M); the chunk is then staged again from global memory, median only); then every
+// thread scores its targets t. Each group loses one model per target before the fit (t itself
+// where t is in the group, else the group's picked member (drop_position): fit sizes n_in - 1, n_out - 1
+// whatever t's membership, the null-unbiased rule of reference/lira.py; the picked member is the
+// one at drop_position(n, size) in index order, a fixed hash of n); its value is subtracted
+// from the sums, Gaussian log-likelihoods in the input precision, and the columns are folded into
+// per-example sums in column order (deterministic). Each conf value is read once (twice for the
+// median), each score written once.
 #include "cuda_utils.cuh"
 #include "../include/bnmem_common.h"
 
@@ -51,25 +57,60 @@ __device__ __forceinline__ T norm_logpdf(T c, T mu, T s) {
 
 struct GroupStat {
   double cnt, mean, s1, s2, lo, mid, hi;  // lo/mid/hi: sorted[p-1], sorted[p], sorted[p+1], p = (cnt-1)/2
+  double last;                            // the value of the group's picked model (lost for targets outside it)
 };
 
-// Mean (or numpy median) and population std of the group without x (when drop), else of all of it.
-__device__ __forceinline__ void group_center(const GroupStat& g, bool drop, double x, bool median,
-                                             double& mu, double& sd) {
-  const double n = g.cnt - (drop ? 1.0 : 0.0);
-  const double d = drop ? x - g.mean : 0.0;
+// Mean (or numpy median) and population std of the group without one member of value x.
+__device__ __forceinline__ void group_center(const GroupStat& g, double x, bool median, double& mu, double& sd) {
+  const double n = g.cnt - 1.0;
+  const double d = x - g.mean;
   const double m = (g.s1 - d) / n;
   mu = g.mean + m;
   const double var = (g.s2 - d * d) / n - m * m;
   sd = sqrt(var > 0 ? var : 0.0);
   if (median) {
     const bool even = (static_cast<long long>(g.cnt) % 2) == 0;
-    if (!drop) {
-      mu = even ? 0.5 * (g.mid + g.hi) : g.mid;
-    } else if (even) {
+    if (even) {
       mu = x <= g.mid ? g.hi : g.mid;
     } else {
       mu = x <= g.lo ? 0.5 * (g.mid + g.hi) : (x >= g.hi ? 0.5 * (g.lo + g.mid) : 0.5 * (g.lo + g.hi));
+    }
+  }
+}
+
+// (flag, value) lexicographic order: in-group (flag 0) first, then out-group, ascending values.
+template <typename scalar_t>
+__device__ __forceinline__ bool key_greater(unsigned char fa, scalar_t va, unsigned char fb, scalar_t vb) {
+  return fa > fb || (fa == fb && va > vb);
+}
+
+// Sorts every column of tile [M][kLanes] (with its flags) ascending by (flag, value), all threads
+// together: a bitonic network written with ascending comparators only (a flip step, then
+// half-cleaners), so that comparators whose upper index is >= M can be skipped (virtual +inf
+// padding up to the next power of two stays in place). O(M log^2 M) comparisons per column.
+template <typename scalar_t>
+__device__ void sort_columns(scalar_t* tile, unsigned char* flg, int64_t M, int tid, int nthreads) {
+  int64_t P = 1;
+  while (P < M) P <<= 1;
+  for (int64_t k = 2; k <= P; k <<= 1) {
+    for (int64_t j = k >> 1; j >= 1; j >>= 1) {
+      const bool flip = j == (k >> 1);
+      for (int64_t q = tid; q < (P >> 1) * kLanes; q += nthreads) {
+        const int64_t col = q % kLanes, pq = q / kLanes;
+        const int64_t i = (pq / j) * 2 * j + pq % j;  // bit j of i is 0
+        const int64_t r = flip ? (i ^ (k - 1)) : (i + j);
+        if (r >= M) continue;
+        const int64_t ia = i * kLanes + col, ib = r * kLanes + col;
+        const scalar_t va = tile[ia], vb = tile[ib];
+        const unsigned char fa = flg[ia], fb = flg[ib];
+        if (key_greater(fa, va, fb, vb)) {
+          tile[ia] = vb;
+          tile[ib] = va;
+          flg[ia] = fb;
+          flg[ib] = fa;
+        }
+      }
+      __syncthreads();
     }
   }
 }
@@ -86,7 +127,9 @@ lira_scores_kernel(const scalar_t* __restrict__ conf, const bool* __restrict__ k
   extern __shared__ unsigned char smem_raw[];
   scalar_t* tile = reinterpret_cast<scalar_t*>(smem_raw);            // [M][kLanes]: x, then v
   scalar_t* acc = tile + M * kLanes;                                  // [M][E]: sum over a of v
-  unsigned char* kp = reinterpret_cast<unsigned char*>(acc + M * E);  // [M][E]: keep
+  int* last_idx = reinterpret_cast<int*>(acc + M * E);                // [2][E]: picked in/out model
+  unsigned char* kp = reinterpret_cast<unsigned char*>(last_idx + 2 * E);  // [M][E]: keep
+  unsigned char* flg = kp + M * E;                                    // [M][kLanes]: sort flags (median)
   __shared__ double red[4][kRows][kLanes];
   __shared__ GroupStat stat[2][kLanes];  // 0: in, 1: out, per column
 
@@ -97,6 +140,25 @@ lira_scores_kernel(const scalar_t* __restrict__ conf, const bool* __restrict__ k
     const int64_t m = i / E, n = n0 + i % E;
     kp[i] = n < N ? static_cast<unsigned char>(keep[m * N + n]) : 0;
     acc[i] = scalar_t(0);
+  }
+  for (int64_t e = tid; e < E; e += nthreads) {
+    // the member at drop_position(n, size) of each group (same hash as reference/lira.py)
+    const int64_t n = n0 + e;
+    int64_t cnt_in = 0;
+    for (int64_t m = 0; m < M && n < N; ++m) cnt_in += keep[m * N + n] ? 1 : 0;
+    const uint32_t h = static_cast<uint32_t>(static_cast<uint64_t>(n) * 2654435761ull) >> 16;
+    const int64_t want_in = cnt_in ? h % cnt_in : -1, want_out = (M - cnt_in) ? h % (M - cnt_in) : -1;
+    int li = 0, lo = 0;
+    int64_t ri = 0, ro = 0;
+    for (int64_t m = 0; m < M && n < N; ++m) {
+      if (keep[m * N + n]) {
+        if (ri++ == want_in) li = static_cast<int>(m);
+      } else {
+        if (ro++ == want_out) lo = static_cast<int>(m);
+      }
+    }
+    last_idx[e] = li;
+    last_idx[E + e] = lo;
   }
   __syncthreads();
 
@@ -159,27 +221,30 @@ lira_scores_kernel(const scalar_t* __restrict__ conf, const bool* __restrict__ k
         g.s2 += red[2 * row + 1][r][lane];
       }
       g.lo = g.mid = g.hi = 0;
+      g.last = static_cast<double>(tile[static_cast<int64_t>(last_idx[row * E + ee]) * kLanes + lane]);
       stat[row][lane] = g;
     }
     __syncthreads();
     if (median) {
-      // rank of each member within its group (ties broken by model index); the members of rank
-      // p-1, p, p+1 publish their values (each rank is held by exactly one member).
-      for (int64_t m = row; m < M; m += kRows) {
-        const unsigned char km = kp[m * E + ee];
-        const scalar_t xm = tile[m * kLanes + lane];
-        int64_t rank = 0;
-        for (int64_t q = 0; q < M; ++q) {
-          if (kp[q * E + ee] != km) continue;
-          const scalar_t xq = tile[q * kLanes + lane];
-          rank += (xq < xm) || (xq == xm && q < m);
-        }
-        GroupStat& g = stat[km ? 0 : 1][lane];
-        const int64_t p = (static_cast<int64_t>(g.cnt) - 1) / 2;
-        if (rank == p - 1) g.lo = static_cast<double>(xm);
-        if (rank == p) g.mid = static_cast<double>(xm);
-        if (rank == p + 1) g.hi = static_cast<double>(xm);
+      // sort each column by (group, value); the group's middle order statistics are then read at
+      // known positions (in-group first: [0, n_in), out-group: [n_in, M)); the chunk is staged again
+      for (int64_t m = row; m < M; m += kRows) flg[m * kLanes + lane] = kp[m * E + ee] ? 0 : 1;
+      __syncthreads();
+      sort_columns<scalar_t>(tile, flg, M, tid, nthreads);
+      if (row < 2) {
+        GroupStat& g = stat[row][lane];
+        const int64_t cnt = static_cast<int64_t>(g.cnt), base = row == 0 ? 0 : static_cast<int64_t>(n_in);
+        const int64_t p = (cnt - 1) / 2;
+        auto at = [&](int64_t i) {
+          return i >= 0 && i < cnt ? static_cast<double>(tile[(base + i) * kLanes + lane]) : 0.0;
+        };
+        g.lo = at(p - 1);
+        g.mid = at(p);
+        g.hi = at(p + 1);
       }
+      __syncthreads();
+      for (int64_t m = row; m < M; m += kRows)
+        tile[m * kLanes + lane] = live ? conf[(m * N + n0) * A + j] : scalar_t(0);
       __syncthreads();
     }
     const GroupStat gi = stat[0][lane], go = stat[1][lane];
@@ -188,14 +253,15 @@ lira_scores_kernel(const scalar_t* __restrict__ conf, const bool* __restrict__ k
       // each thread reads and then overwrites only its own cell [t][lane]: x -> v
       const bool t_in = kp[t * E + ee];
       const double x = static_cast<double>(tile[t * kLanes + lane]);
+      // the value each group loses: t's own where t is in it, else its picked model's
       double mu_o, sd_o;
-      group_center(go, !t_in, x, median, mu_o, sd_o);
+      group_center(go, t_in ? go.last : x, median, mu_o, sd_o);
       if (gstd) sd_o = static_cast<double>(gstd[(M + t) * A + a]);
       const acc_t c = static_cast<acc_t>(x);
       acc_t v;
       if (online) {
         double mu_i, sd_i;
-        group_center(gi, t_in, x, median, mu_i, sd_i);
+        group_center(gi, t_in ? x : gi.last, median, mu_i, sd_i);
         if (gstd) sd_i = static_cast<double>(gstd[t * A + a]);
         v = norm_logpdf<acc_t>(c, mu_i, sd_i) - norm_logpdf<acc_t>(c, mu_o, sd_o);
       } else if (logpdf) {
@@ -225,9 +291,8 @@ lira_scores_kernel(const scalar_t* __restrict__ conf, const bool* __restrict__ k
     if (n >= N) continue;
     int64_t cnt_in = 0;
     for (int64_t m = 0; m < M; ++m) cnt_in += kp[m * E + e];
-    const bool t_in = kp[t * E + e];
-    const int64_t ci = cnt_in - (t_in ? 1 : 0), co = (M - cnt_in) - (t_in ? 0 : 1);
-    const bool ok = ci >= need_in && co >= need_out;
+    // every target is fitted on cnt_in - 1 in- and (M - cnt_in) - 1 out-models
+    const bool ok = (!online || cnt_in - 1 >= need_in) && (M - cnt_in) - 1 >= need_out;
     out[t * N + n] = ok ? acc[i] / static_cast<scalar_t>(A) : static_cast<scalar_t>(NAN);
   }
 }
@@ -241,18 +306,23 @@ void launch_lira(const at::Tensor& conf, const at::Tensor& keep, const at::Tenso
   int dev = 0, max_smem = 0;
   BNMEM_CUDA_CHECK(cudaGetDevice(&dev));
   BNMEM_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  const size_t static_smem = sizeof(double) * 4 * kRows * kLanes + sizeof(GroupStat) * 2 * kLanes;
-  auto smem_for = [&](int64_t e) {
-    return static_cast<size_t>(M) * (kLanes * sizeof(scalar_t) + e * (sizeof(scalar_t) + 1));
+  auto kernel = lira_scores_kernel<scalar_t>;
+  // the kernel's static shared memory (red, stat) counts against the same per-block limit
+  cudaFuncAttributes attr;
+  BNMEM_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const size_t static_smem = attr.sharedSizeBytes;
+  auto smem_for = [&](int64_t e) {  // tile, acc, last_idx, kp, flg
+    return static_cast<size_t>(M) * (kLanes * sizeof(scalar_t) + e * (sizeof(scalar_t) + 1) + kLanes) +
+           2 * e * sizeof(int);
   };
   int64_t E = std::max<int64_t>(1, (sizeof(scalar_t) == 8 ? 32 : 64) / A);
   while (E > 1 && smem_for(E) + static_smem > static_cast<size_t>(max_smem)) E /= 2;  // large M
   const size_t smem = smem_for(E);
-  auto kernel = lira_scores_kernel<scalar_t>;
   TORCH_CHECK(smem + static_smem <= static_cast<size_t>(max_smem), "bnmem::lira_scores (cuda): M = ", M,
               " models need ", smem + static_smem, " bytes of shared memory per block, the device has ",
               max_smem, "; use backend='triton' or 'reference'");
-  if (smem > 48 * 1024)
+  // without the opt-in attribute a block may use 48 KB in all (static + dynamic)
+  if (smem + static_smem > 48 * 1024)
     BNMEM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 block(kLanes, kRows);
   const dim3 grid(static_cast<unsigned>((N + E - 1) / E));

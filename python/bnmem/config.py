@@ -46,7 +46,7 @@ class Config:
     arch: str = "cnn"
     width: int = 12                      # channels of the first conv (second: 2x) / MLP hidden units / 4
     variants: list = field(default_factory=lambda: list(VARIANTS))
-    models: int = 16                     # shadow models per variant (even; each candidate IN for half)
+    models: int = 32                     # shadow models per variant (even; each candidate IN for half)
     epochs: int = 12
     batch_size: int = 64
     lr: float = 0.05
@@ -62,7 +62,7 @@ class Config:
     device: str = "cpu"                  # cpu | cuda | auto; cuda: autocast bf16 (fp16 + GradScaler without bf16)
     shifts: int = 1                      # query augmentations: identity and +-shifts px (A = 1 + 4 if >0)
     attacks: list = field(default_factory=lambda: ["auto"])
-    bootstrap: int = 100
+    bootstrap: int = 1000                # two-way (candidates x models) bootstrap resamples
     seed: int = 0
     workers: int = 0                     # 0 = all cores
     progress: bool = True
@@ -179,7 +179,7 @@ class Config:
 
 QUICK = dict(n_in=200, n_test=200, canaries={k: 10 for k in CANARY_KINDS}, models=4, epochs=4,
              variants=["bn", "gn", "none"], exact_models=1, exact_points=2, probe_batch=16,
-             width=8, bootstrap=50, batch_size=32)
+             width=8, bootstrap=1000, batch_size=32)
 
 
 def field_names():

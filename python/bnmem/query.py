@@ -1,8 +1,11 @@
 """Probe stage: logits of every candidate from every shadow model under small-shift augmentations.
 
 BN models are queried both in eval mode (running statistics) and in train mode (batch statistics
-of a shuffled batch of candidates, batch size as in training); both are kept.
-Writes `logits/<variant>.npz`: eval [M, N, A, K] and, for BN variants, train [M, N, A, K].
+of a shuffled batch of candidates and held-out test images, batch size as in training); both are
+kept. The held-out test images (no model trained on them) are queried the same way: they are
+RMIA's population.
+Writes `logits/<variant>.npz`: eval [M, N, A, K], eval_pop [M, N_test, A, K] and, for BN
+variants, train and train_pop.
 """
 from __future__ import annotations
 
@@ -63,7 +66,8 @@ def query_one(root: str, cfg_dict: dict, variant: str, m: int) -> tuple:
     torch.set_num_threads(1)
     cfg = from_dict(cfg_dict)
     d = read_npz(os.path.join(root, "data.npz"))
-    x = torch.from_numpy(d["x"])
+    n_cand = len(d["x"])
+    x = torch.from_numpy(np.concatenate([d["x"], d["x_test"]]))  # candidates, then the population
     n_classes = int(max(d["y"].max(), d["y_test"].max()) + 1)
     shifts = query_augmentations(cfg.shifts) if cfg.query_flips else shift_list(cfg.shifts)
     model = build_model(cfg.arch, variant, x.shape[1:], n_classes, cfg.width)
@@ -73,7 +77,8 @@ def query_one(root: str, cfg_dict: dict, variant: str, m: int) -> tuple:
     if has_batchnorm(model):
         tr = query_model(model, x, shifts, train_mode=True, batch_size=cfg.batch_size,
                          seed=cfg.seed * 1000 + m).numpy()
-    return variant, m, ev, tr
+    split = (lambda z: None if z is None else (z[:n_cand], z[n_cand:]))
+    return variant, m, split(ev), split(tr)
 
 
 def run_stage(root: str, cfg: Config, progress=True, log=print, pool=None) -> None:
@@ -89,9 +94,11 @@ def run_stage(root: str, cfg: Config, progress=True, log=print, pool=None) -> No
                                      desc="probe", progress=progress, pool=pool):
         got[v][m] = (ev, tr)
         if len(got[v]) == cfg.models:
-            arrays = dict(eval=np.stack([got[v][k][0] for k in range(cfg.models)]),
+            arrays = dict(eval=np.stack([got[v][k][0][0] for k in range(cfg.models)]),
+                          eval_pop=np.stack([got[v][k][0][1] for k in range(cfg.models)]),
                           shifts=np.array(query_augmentations(cfg.shifts) if cfg.query_flips else shift_list(cfg.shifts), np.int64))
             if got[v][0][1] is not None:
-                arrays["train"] = np.stack([got[v][k][1] for k in range(cfg.models)])
+                arrays["train"] = np.stack([got[v][k][1][0] for k in range(cfg.models)])
+                arrays["train_pop"] = np.stack([got[v][k][1][1] for k in range(cfg.models)])
             write_npz(os.path.join(root, "logits", f"{v}.npz"), **arrays)
             del got[v]

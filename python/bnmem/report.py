@@ -52,7 +52,7 @@ def _write_csv(root, res, sc, d):
     keep = d["keep"]
     cols = ["index", "group", "label", "source_index", "n_models_in"]
     for v in variants:
-        cols += [f"mem_{v}", f"mem_halfwidth_{v}", f"gradnorm_mean_{v}", f"gradnorm_last_{v}",
+        cols += [f"mem_{v}", f"mem_lo_{v}", f"mem_hi_{v}", f"gradnorm_mean_{v}", f"gradnorm_last_{v}",
                  f"{primary}_member_mean_{v}", f"{primary}_nonmember_mean_{v}"]
         if f"{v}/train/mem" in sc:
             cols += [f"mem_trainmode_{v}", f"{primary}_trainmode_member_mean_{v}",
@@ -73,7 +73,8 @@ def _write_csv(root, res, sc, d):
     for n in range(len(d["y"])):
         row = [n, GROUPS[d["group"][n]], int(d["y"][n]), int(d["source"][n]), int(keep[:, n].sum())]
         for v in variants:
-            row += [sc[f"{v}/eval/mem"][n], sc[f"{v}/eval/mem_half_width"][n], sc[f"{v}/gradnorm_mean"][n],
+            row += [sc[f"{v}/eval/mem"][n], sc[f"{v}/eval/mem_lo"][n], sc[f"{v}/eval/mem_hi"][n],
+                    sc[f"{v}/gradnorm_mean"][n],
                     sc[f"{v}/gradnorm_last"][n], per[(v, "eval", "in")][n], per[(v, "eval", "out")][n]]
             if f"{v}/train/mem" in sc:
                 row += [sc[f"{v}/train/mem"][n], per[(v, "train", "in")][n], per[(v, "train", "out")][n]]
@@ -216,24 +217,35 @@ def report_markdown(res, man) -> str:
       + f"; {res['data']['n_test']} held-out test images; images {res['data']['shape']}), "
       f"arch **{cfg['arch']}** (width {cfg['width']}), variants {', '.join(variants)}, "
       f"**{cfg['models']} shadow models per variant** (each candidate IN for exactly half), {cfg['epochs']} epochs, "
-      f"seed {cfg['seed']}, config hash `{res['config_hash']}`. Intervals are 95% percentile bootstrap over "
-      f"candidates ({res['bootstrap']} resamples, stratified by group, paired across variants)."
+      f"seed {cfg['seed']}, config hash `{res['config_hash']}`. Intervals are 95% two-way percentile bootstrap "
+      f"over candidates (stratified by group) and shadow models ({res['bootstrap']} resamples, paired across "
+      "variants); per-candidate memorization has Wilson/Newcombe score intervals (examples.csv)."
       + (f" Pipeline wall time (last invocation, before this report): {wall:.0f} s." if wall else "") + "\n")
 
+    off = res.get("null_control_off", [])
+    if off:
+        A("> **Warning: the null control is off.** With every candidate's keep column permuted across models "
+          "(no membership signal left), these attacks should give AUC 0.5 and TPR 0.01 at 1% FPR, but miss by "
+          f"more than their interval (|x - target| > {res.get('null_control_z', float('nan')):.2f} bootstrap SE, "
+          "Bonferroni over all null controls): "
+          + "; ".join(f"{o['attack']} ({o['variant']}, {o['mode']}) {o['metric']} {o['value']:.3f}" for o in off)
+          + ". Their real numbers are biased by the estimator, not only by membership.\n")
     A("## Headline\n")
     A(f"Membership inference with {primary} (eval-mode queries, all candidates), memorization and per-sample "
       "gradient norms of the OOD canaries (all kinds pooled, `ood`) relative to in-distribution candidates:\n")
-    A("| variant | test acc | MIA AUC | TPR @ 1% FPR | MIA AUC on OOD | mem in-dist | mem OOD | "
+    A("| variant | test acc | MIA AUC | TPR @ 1% FPR | null-control AUC | MIA AUC on OOD | mem in-dist | mem OOD | "
       "grad-norm ratio OOD / in-dist |")
-    A("|---|---|---|---|---|---|---|---|")
+    A("|---|---|---|---|---|---|---|---|---|")
     for v in variants:
         r = res["variants"][v]
         at = r["modes"]["eval"]["attacks"][primary]
         mm = r["modes"]["eval"]["memorization"]
         gr = r["gradnorms"]["ratio_vs_in_dist"].get("ood", {})
         o = at["groups"].get("ood") or {}
+        nc = (r["modes"]["eval"].get("null_control") or {}).get(primary) or {}
         A(f"| {v} | {np.mean(r['test_acc']):.3f} | {_fmt(at['overall']['auc'])}{_ci(at['overall'].get('auc_ci'))} | "
           f"{_fmt(at['overall']['tpr@0.01'])}{_ci(at['overall'].get('tpr@0.01_ci'))} | "
+          f"{_fmt(nc.get('auc'))}{_ci(nc.get('auc_ci'))} | "
           f"{_fmt(o.get('auc'))}{_ci(o.get('auc_ci'))} | {mm['in_dist']['mean']:.3f}{_ci(mm['in_dist']['ci'])} | "
           f"{_fmt(mm.get('ood', {}).get('mean'))}{_ci(mm.get('ood', {}).get('ci'))} | "
           f"{_fmt(gr.get('ratio'), 2)}{_ci(gr.get('ci'), 2)} |")
@@ -284,9 +296,15 @@ def report_markdown(res, man) -> str:
         for q, qr in res["variants"][v]["modes"].items():
             m = qr["attacks"][primary]["overall"]
             if m:
+                low = ("n/a" if m.get("tpr@0.001_note") else
+                       f"{_fmt(m['tpr@0.001'])}{_ci(m.get('tpr@0.001_ci'))}")
                 A(f"| {v} | {q} | {_fmt(m['auc'])}{_ci(m.get('auc_ci'))} | {_fmt(m['tpr@0.01'])}{_ci(m.get('tpr@0.01_ci'))}"
-                  f" | {_fmt(m['tpr@0.001'])}{_ci(m.get('tpr@0.001_ci'))} |")
+                  f" | {low} |")
     A("")
+    notes = {m.get("tpr@0.001_note") for v in variants for qr in res["variants"][v]["modes"].values()
+             for m in [qr["attacks"][primary]["overall"]] if m and m.get("tpr@0.001_note")}
+    if notes:
+        A(f"TPR @ 0.1% FPR {sorted(notes)[0]}.\n")
     for key, title in (("auc", "AUC"), ("tpr@0.01", "TPR @ 1% FPR")):
         A(f"{title} by group (eval queries):\n")
         A("| variant | " + " | ".join(groups) + " |")
@@ -301,16 +319,21 @@ def report_markdown(res, man) -> str:
     if coarse:
         A(f"Resolution: TPR at 0.1% FPR needs ≥ 1,000 non-member scores; groups {', '.join(coarse)} have fewer "
           "(the smallest non-zero FPR step is 1/#non-members), so their low-FPR numbers are coarse.\n")
-    A("All attacks, overall AUC / TPR@1% (point estimates; intervals only for the primary attack):\n")
-    A("| variant | query | " + " | ".join(res["attacks"]) + " |")
-    A("|---|---|" + "---|" * len(res["attacks"]))
+    A("All attacks, overall AUC and TPR @ 1% FPR with 95% intervals, each beside its null control (the same "
+      "attack on the same logits with every candidate's keep column permuted across models: should be 0.5 and "
+      "0.01):\n")
+    A("| variant | query | attack | AUC | TPR @ 1% FPR | null AUC | null TPR @ 1% FPR |")
+    A("|---|---|---|---|---|---|---|")
     for v in variants:
         for q, qr in res["variants"][v]["modes"].items():
-            cells = []
             for a in res["attacks"]:
-                m = qr["attacks"][a]["overall"]
-                cells.append(f"{_fmt(m['auc'])} / {_fmt(m['tpr@0.01'])}" if m else "n/a")
-            A(f"| {v} | {q} | " + " | ".join(cells) + " |")
+                if a not in qr["attacks"]:
+                    continue
+                m = qr["attacks"][a]["overall"] or {}
+                nc = (qr.get("null_control") or {}).get(a) or {}
+                A(f"| {v} | {q} | {a} | {_fmt(m.get('auc'))}{_ci(m.get('auc_ci'))} | "
+                  f"{_fmt(m.get('tpr@0.01'))}{_ci(m.get('tpr@0.01_ci'))} | {_fmt(nc.get('auc'))}{_ci(nc.get('auc_ci'))} | "
+                  f"{_fmt(nc.get('tpr@0.01'))}{_ci(nc.get('tpr@0.01_ci'))} |")
     A("")
 
     A("## (i) Memorization (Feldman & Zhang), eval-mode predictions\n")
@@ -383,8 +406,8 @@ def report_markdown(res, man) -> str:
 
     A("## Caveats\n")
     caveats = [f"Small scale: {cfg['models']} shadow models per variant, {res['data']['n_candidates']} candidates, "
-               f"CPU-sized CNN on {res['data']['shape'][-1]}x{res['data']['shape'][-1]} images; intervals cover "
-               "candidate sampling, not model-training randomness beyond the shadow models used.",
+               f"CPU-sized CNN on {res['data']['shape'][-1]}x{res['data']['shape'][-1]} images; intervals resample "
+               "candidates and shadow models (two-way bootstrap), not the data set draw.",
                "Each ▲/▼ is a separate 95% interval with no multiple-comparison correction: among many comparisons "
                "a few can exclude 0 by chance; read the pattern, not any single cell."]
     tr = {v: float(np.mean(res["variants"][v]["train_acc"])) for v in variants}

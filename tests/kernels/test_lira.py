@@ -168,28 +168,29 @@ def _log_ndtr_exact(z: float) -> float:
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in divide:RuntimeWarning")
 @pytest.mark.parametrize("backend", backend_params("cpu", ("cpu", "triton", "reference")))
 def test_log_phi_elementwise_vs_mpmath(backend):
-    """offline one_sided is log Phi(z) itself where the out-models are {-1, +1} (mu = 0, s = 1
-    exactly) and the target, model 0, holds z: elementwise vs 60-digit mpmath over z in [-40, 37]
+    """offline one_sided is log Phi(z) itself where the out-models fitted are {-1, +1} (mu = 0,
+    s = 1 exactly: of the out-models 1, 2, 3 the one at ref.drop_position(n, 3), which an in-target's
+    fit drops, holds 0, the other two -1 and +1) and the target, model 0, holds z: elementwise vs 60-digit mpmath over z in [-40, 37]
     (each range of the kernels' case split, both sides of every threshold; above z = 37.5 log Phi
     is subnormal), beyond +-40 too, fp64. Bound: 5e-13 relative, the conditioning of erfc in its
     rounded argument z / sqrt 2 (2 z^2 ulp at z = 37; scipy's log_ndtr has the same)."""
     z = np.concatenate([np.linspace(-40, 37, 155), [-20.0, -20 - 1e-9, -19.99, -5.0, -3.0, -1e-3, -1e-300,
                                                     0.0, 1e-300, 1e-3, 3.0, 3.01, 5.9, 6.0, 6.1, 8.0]])
-    conf = torch.zeros(3, z.size, 1, dtype=torch.float64)
+    conf = torch.zeros(4, z.size, 1, dtype=torch.float64)
     conf[0, :, 0] = torch.from_numpy(z)
-    conf[1], conf[2] = -1.0, 1.0
-    keep = torch.zeros(3, z.size, dtype=torch.bool)
-    keep[0] = True  # models 1, 2 as targets lack a second out-model: NaN (warned)
-    with pytest.warns(RuntimeWarning, match="are NaN"):
-        got = lira.lira_scores(conf, keep, online=False, offline_stat="one_sided", backend=backend)[0].numpy()
+    for n in range(z.size):
+        vals = [-1.0, 1.0]
+        vals.insert(ref.drop_position(n, 3), 0.0)  # 0: every sum exact
+        conf[1:, n, 0] = torch.tensor(vals, dtype=torch.float64)
+    keep = torch.zeros(4, z.size, dtype=torch.bool)
+    keep[0] = True
+    got = lira.lira_scores(conf, keep, online=False, offline_stat="one_sided", backend=backend)[0].numpy()
     want = np.array([_log_ndtr_exact(v) for v in z])
     rel = np.abs(got - want) / np.abs(want)
     assert rel.max() <= 5e-13, (z[rel.argmax()], rel.max())
     far = torch.tensor([-1e4, -600.0, 45.0, 1e4], dtype=torch.float64)
-    conf2 = torch.cat([far.view(1, 4, 1), -torch.ones(1, 4, 1, dtype=torch.float64),
-                       torch.ones(1, 4, 1, dtype=torch.float64)])
-    with pytest.warns(RuntimeWarning, match="are NaN"):
-        got = lira.lira_scores(conf2, keep[:, :4], online=False, backend=backend)[0].numpy()
+    conf2 = torch.cat([far.view(1, 4, 1), conf[1:, :4]])
+    got = lira.lira_scores(conf2, keep[:, :4], online=False, backend=backend)[0].numpy()
     want = np.array([_log_ndtr_exact(v) for v in far.tolist()])
     assert np.abs(got[:2] - want[:2]).max() <= 1e-15 * np.abs(want[:2]).max()
     assert np.all(got[2:] <= 0) and np.all(got[2:] >= -1e-300)  # log Phi(45) = -1e-442 underflows
@@ -231,14 +232,38 @@ def test_too_few_models_warns_once_with_count():
 
 @pytest.mark.parametrize("backend", backend_params("cpu", ("cpu", "reference")))
 def test_m2_only_offline_global_can_score(backend):
-    conf, keep = make_data(2, 6, 2, True)  # one in, one out model per example
-    with pytest.raises(ValueError, match="no score can be formed"):
-        lira.lira_scores(conf, keep, backend=backend)
-    with pytest.raises(ValueError, match="no score can be formed"):
-        lira.lira_scores(conf, keep, variance="global", backend=backend)  # online: no in- AND out-model
-    with pytest.warns(RuntimeWarning, match=r"6 of 12 scores"):
-        s = lira.lira_scores(conf, keep, online=False, variance="global", backend=backend)
-    assert torch.isfinite(s[keep]).all() and s[~keep].isnan().all()  # the other model is out iff t is in
+    """M = 2 (one in-, one out-model per example): each group loses one model, so nothing can be
+    fitted; M = 4 balanced: the global-variance estimators score every pair, per-example ones none."""
+    conf, keep = make_data(2, 6, 2, True)
+    for kw in ({}, {"variance": "global"}, {"online": False, "variance": "global"}):
+        with pytest.raises(ValueError, match="no score can be formed"):
+            lira.lira_scores(conf, keep, backend=backend, **kw)
+    conf, keep = make_data(4, 6, 2, True)
+    for online in (True, False):
+        assert torch.isfinite(lira.lira_scores(conf, keep, online=online, variance="global", backend=backend)).all()
+        with pytest.raises(ValueError, match="no score can be formed"):
+            lira.lira_scores(conf, keep, online=online, backend=backend)
+
+
+def test_fit_rule_drops_the_target_or_the_hashed_member():
+    """The fit rule itself: per target and example, the in- and out-fits hold n_in - 1 and n_out - 1
+    models; the target's own group drops the target, the other group its member at
+    drop_position(n, size) (index order), which varies over the examples.
+    Values 10^m (model m) make the fitted mean name the models used."""
+    M, N = 6, 8
+    keep = torch.rand(M, N, generator=torch.Generator().manual_seed(4)).argsort(0) < 3
+    conf = (10.0 ** torch.arange(M, dtype=torch.float64))[:, None, None].expand(M, N, 1).contiguous()
+    x = conf.double()
+    for name, g in (("in", keep[..., None]), ("out", ~keep[..., None])):
+        mu, _ = ref._fit_mean_std(x, g, ref.dropped_value(x, g))
+        for t in range(M):
+            for n in range(N):
+                grp = [m for m in range(M) if bool(g[m, n, 0])]
+                used = [m for m in grp if m != t] if t in grp else \
+                    [m for i, m in enumerate(grp) if i != ref.drop_position(n, len(grp))]
+                assert len(used) == 2
+                assert mu[t, n, 0].item() == pytest.approx(sum(10.0 ** m for m in used) / 2, rel=1e-12)
+    assert len({ref.drop_position(n, 3) for n in range(N)}) == 3
 
 
 def test_bad_inputs():
@@ -329,25 +354,32 @@ def test_logit_confidence_bad_inputs():
 def test_rmia_vs_loop(offline):
     conf, keep = make_data(7, 23, 2, False)
     prob = torch.sigmoid(conf)
-    pop = torch.arange(23) % 3 != 0
-    for gamma, a, population in ((1.0, 0.3, None), (2.0, 0.5, pop), (0.5, 0.0, None)):
+    g = torch.Generator().manual_seed(9)
+    for gamma, a, P in ((1.0, 0.3, 11), (2.0, 0.5, 1), (0.5, 0.0, 40)):
+        pop = torch.sigmoid(torch.randn(7, P, 3, generator=g, dtype=torch.float64) * 2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            got = lira.rmia_scores(prob, keep, population, gamma=gamma, a=a, offline=offline)
-        want = ref.rmia_scores_loop(prob.numpy(), keep.numpy(), None if population is None else population.numpy(),
-                                    gamma=gamma, a=a, offline=offline)
+            got = lira.rmia_scores(prob, keep, pop, gamma=gamma, a=a, offline=offline)
+        want = ref.rmia_scores_loop(prob.numpy(), keep.numpy(), pop.numpy(), gamma=gamma, a=a, offline=offline)
         assert norm_err(got, want) <= 1e-12
     assert got[keep].nanmean() > got[~keep].nanmean()
 
 
 def test_rmia_bad_inputs():
     conf, keep = make_data(4, 5, 1, True)
+    pop = torch.sigmoid(torch.randn(4, 3, 1))
     with pytest.raises(ValueError, match="probabilities in"):
-        lira.rmia_scores(conf, keep)
-    with pytest.raises(TypeError, match="population must be a bool"):
-        lira.rmia_scores(torch.sigmoid(conf), keep, torch.ones(5))
+        lira.rmia_scores(conf, keep, pop)
+    with pytest.raises(TypeError, match="not a bool mask"):  # the old API: a mask over the candidates
+        lira.rmia_scores(torch.sigmoid(conf), keep, torch.ones(5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="needs pop_prob"):
+        lira.rmia_scores(torch.sigmoid(conf), keep, None)
+    with pytest.raises(ValueError, match=r"pop_prob must be \[M, P, A\]"):
+        lira.rmia_scores(torch.sigmoid(conf), keep, pop[:3])
+    with pytest.raises(ValueError, match="pop_prob must hold probabilities"):
+        lira.rmia_scores(torch.sigmoid(conf), keep, pop + 1)
     with pytest.raises(ValueError, match="gamma"):
-        lira.rmia_scores(torch.sigmoid(conf), keep, gamma=0.0)
+        lira.rmia_scores(torch.sigmoid(conf), keep, pop, gamma=0.0)
 
 
 def _opcheck_args():

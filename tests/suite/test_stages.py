@@ -193,13 +193,67 @@ def test_memorization_formula():
     keep = np.array([[1, 1, 0], [1, 0, 1], [0, 1, 0], [0, 0, 1]], bool)
     m = score.memorization(correct, keep)
     np.testing.assert_allclose(m["mem"], [1.0 - 0.0, 1.0 - 0.0, 0.5 - 0.5])
-    assert (m["half_width"] >= 0).all()
+    assert (m["mem_lo"] <= m["mem"]).all() and (m["mem"] <= m["mem_hi"]).all()
+    assert (m["mem_hi"] - m["mem_lo"] > 0.3).all()  # 2 models per group: wide, never of zero width at 0 or 1
+    assert (m["mem_lo"] >= -1).all() and (m["mem_hi"] <= 1).all()
 
 
-def test_stratified_resamples_keep_group_sizes():
+def test_wilson_interval_known_values():
+    lo, hi = score.wilson(np.array([0, 5, 10]), np.array([10, 10, 10]))
+    np.testing.assert_allclose(lo, [0.0, 0.236593, 0.722467], atol=1e-6)
+    np.testing.assert_allclose(hi, [0.277533, 0.763407, 1.0], atol=1e-6)
+
+
+def test_two_way_resamples_keep_group_sizes():
     group = np.array([0] * 20 + [1] * 5 + [3] * 4)
-    for idx in score.stratified_resamples(group, 5, 0):
-        assert np.bincount(group[idx], minlength=5).tolist() == np.bincount(group, minlength=5).tolist()
+    rows, cols = score.two_way_resamples(group, 6, 50, 0)
+    assert rows.shape == (50, 6) and (rows.sum(1) == 6).all()
+    for g in (0, 1, 3):
+        assert (cols[:, group == g].sum(1) == (group == g).sum()).all()
+
+
+def test_weighted_roc_metrics_equal_the_resampled_multiset():
+    """The vectorized bootstrap's AUC/TPR equal metrics.roc_auc/tpr_at_fpr on the explicitly
+    resampled (target, candidate) pairs, ties included."""
+    import torch
+    from bnmem_kernels import metrics
+    rng = np.random.default_rng(1)
+    M, N = 6, 40
+    keep = rng.random((M, N)).argsort(0) < 3
+    s = np.round(rng.normal(size=(M, N)) + keep, 1)
+    s[0, 0] = np.nan
+    group = np.zeros(N, np.int64)
+    rows, cols = score.two_way_resamples(group, M, 4, 3)
+    got = score.weighted_roc_metrics(s, keep, rows, cols, (0.01, 0.1))
+    for b in range(4):
+        ri = np.repeat(np.arange(M), rows[b].astype(int))
+        ci_ = np.repeat(np.arange(N), cols[b].astype(int))
+        ss, kk = s[np.ix_(ri, ci_)].ravel(), keep[np.ix_(ri, ci_)].ravel()
+        ok = np.isfinite(ss)
+        st, kt = torch.from_numpy(ss[ok]), torch.from_numpy(kk[ok])
+        assert abs(got["auc"][b] - metrics.roc_auc(st, kt)) < 1e-12
+        for f in (0.01, 0.1):
+            assert abs(got[f"tpr@{f:g}"][b] - metrics.tpr_at_fpr(st, kt, f)) < 1e-12
+
+
+def test_null_control_is_calibrated_and_the_real_signal_is_not():
+    """Every attack on logits with a membership signal, and on the same logits with keep permuted
+    across models (the run's null control): the null AUC within 4 clustered SE of 0.5."""
+    rng = np.random.default_rng(2)
+    M, N, A, K, P = 16, 1500, 2, 4, 800
+    keep = rng.random((M, N)).argsort(0) < M // 2
+    y = rng.integers(0, K, N)
+    logits = rng.normal(size=(M, N, A, K))
+    logits[np.arange(M)[:, None], np.arange(N)[None], :, y[None]] += np.where(keep, 0.5, 0.0)[..., None]
+    pop = (rng.normal(size=(M, P, A, K)), rng.integers(0, K, P))
+    knull = score.permuted_keep(keep, 0)
+    assert (knull.sum(0) == keep.sum(0)).all() and not (knull == keep).all()
+    for a in ("lira_online", "lira_online_global", "lira_offline", "lira_offline_global", "rmia"):
+        real = score.mia_metrics(score.attack_scores(logits, y, keep, a, pop), keep)["auc"]
+        sn = score.attack_scores(logits, y, knull, a, pop)
+        m = score.mia_metrics(sn, knull)
+        assert real > 0.53, (a, real)
+        assert abs(m["auc"] - 0.5) < 0.03, (a, m["auc"])  # 4 SE at this size (SE ~ 0.007)
 
 
 def test_attack_scores_detect_membership():
@@ -210,7 +264,8 @@ def test_attack_scores_detect_membership():
     y = rng.integers(0, K, N)
     logits = rng.normal(size=(M, N, A, K))
     logits[np.arange(M)[:, None], np.arange(N)[None], :, y[None]] += np.where(keep, 3.0, 0.0)[..., None]
+    pop = (rng.normal(size=(M, 30, A, K)), rng.integers(0, K, 30))
     for a in ("lira_online", "lira_online_global", "lira_offline", "lira_offline_global", "rmia"):
-        s = score.attack_scores(logits, y, keep, a)
+        s = score.attack_scores(logits, y, keep, a, pop)
         assert s.shape == (M, N)
         assert score.mia_metrics(s, keep)["auc"] > 0.85, a
