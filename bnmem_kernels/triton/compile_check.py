@@ -44,11 +44,7 @@ EXCLUDED = {
 SKIP_MODULES = {"compile_check", "__init__"}
 # Failures known and fixed elsewhere: (kernel, a substring of the error) -> why. Only a failure whose
 # message holds that substring is tolerated (reported, not failing the check); any other error fails.
-KNOWN_FAILURES = {
-    ("lira.lira_scores_kernel", "Cannot access global variable LOG_SQRT_2PI"):
-        "plain-float global in triton/lira.py; fixed on the LiRA helper's branch (issue 21): delete this entry "
-        "once merged",
-}
+KNOWN_FAILURES: dict = {}   # (kernel, substring of the error) -> why it is tolerated; none today
 SLOW = " [slow]"  # a case label ending so is compiled for the first --arch only, unless --full
 FULL = False  # --full: every case at every block-size extreme (slow: see _lira_cases)
 
