@@ -263,7 +263,9 @@ def test_fit_rule_drops_the_target_or_the_hashed_member():
                     [m for i, m in enumerate(grp) if i != ref.drop_position(n, len(grp))]
                 assert len(used) == 2
                 assert mu[t, n, 0].item() == pytest.approx(sum(10.0 ** m for m in used) / 2, rel=1e-12)
-    assert len({ref.drop_position(n, 3) for n in range(N)}) == 3
+    # the dropped member varies over the examples: every position of a 3-model group occurs
+    # (the hash takes a few dozen examples to cover small groups: {0, 2} only over n < 8)
+    assert len({ref.drop_position(n, 3) for n in range(64)}) == 3
 
 
 def test_bad_inputs():
