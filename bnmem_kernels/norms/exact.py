@@ -208,15 +208,16 @@ def _selection_key(plan, args, targets, max_chunk, backend, per_layer):
     return (plan.fingerprint, hooks, ins, tgt, torch.get_num_threads(), max_chunk, backend, per_layer)
 
 
-def _selection_mode() -> str:
-    mode = os.environ.get("BNMEM_EXACT_AUTO", "timed")
+def _selection_mode(selection=None) -> str:
+    mode = selection if selection is not None else os.environ.get("BNMEM_EXACT_AUTO", "timed")
     if mode not in ("timed", "static"):
-        raise ValueError(f"BNMEM_EXACT_AUTO must be 'timed' or 'static', got {mode!r}")
+        what = "selection" if selection is not None else "BNMEM_EXACT_AUTO"
+        raise ValueError(f"{what} must be 'timed' or 'static', got {mode!r}")
     return mode
 
 
 def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=None, max_chunk=None,
-                 path="auto", route=None):
+                 path="auto", route=None, selection=None):
     """Run mode="exact" and return (result, report): report = {"path": the engine that ran ("chain" |
     "coupled" | "seed_batched" | "loop"), "why": why that engine, "reason": why the general engine ran
     ("" otherwise; "policy: ..." when the coupled plan would need no fewer backward passes than the
@@ -226,7 +227,10 @@ def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=No
     `path`: "auto" (see the module doc: the static rule on the first call of a model and batch, then
     the fastest engine by timing), "chain" / "coupled" (raise instead of falling back), "seed_batched"
     or "loop" (the autograd loop: one forward, one backward pass per sample). `route`: None, "B" or "S"
-    (force the coupled path's route; tests).
+    (force the coupled path's route; tests). `selection` (path="auto" only): "timed" (the fastest engine
+    by timing after the first call) or "static" (the static rule on every call: the same engine, so the
+    same rounding, run after run: what a reproducible study wants); None -> BNMEM_EXACT_AUTO, default
+    "timed".
     """
     args, B = check_call(model, loss_fn, inputs, targets, "exact", max_chunk, per_layer)
     if backend is not None and backend != "auto" and backend not in _backend.BACKENDS:
@@ -243,7 +247,7 @@ def exact_report(model, loss_fn, inputs, targets, *, per_layer=False, backend=No
     acc = _acc(out_dtype)
     chunk = min(B, max_chunk or DEFAULT_CHUNK)
     sel = None
-    if path == "auto" and route is None and _selection_mode() == "timed":
+    if path == "auto" and route is None and _selection_mode(selection) == "timed":
         key = _selection_key(plan, args, targets, max_chunk, backend, per_layer)
         with _SEL_LOCK:
             per_model = _SELECTIONS.setdefault(model, {})

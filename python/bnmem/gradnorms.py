@@ -18,7 +18,13 @@ def per_sample_ce(outputs, targets):
 
 
 def per_sample_grad_norms(model, x, y, mode: str) -> tuple[torch.Tensor, str]:
-    """-> (norms [B], source): bnmem_kernels.per_sample_grad_norms of the per-sample cross-entropy."""
+    """-> (norms [B], source): bnmem_kernels.per_sample_grad_norms of the per-sample cross-entropy.
+    Exact mode with the engine chosen by the static rule on every call (not by timing): the same
+    engine, hence the same rounding, in every run with the same seed."""
+    if mode == "exact":
+        from bnmem_kernels.norms.exact import exact_report
+        norms, _ = exact_report(model, per_sample_ce, x, y, selection="static")
+        return norms.detach(), "bnmem_kernels"
     return bnmem_kernels.per_sample_grad_norms(model, per_sample_ce, x, y, mode=mode).detach(), "bnmem_kernels"
 
 

@@ -172,6 +172,18 @@ def test_static_mode_never_explores(monkeypatch):
         exact_report(m, ce, x, y)
 
 
+def test_static_selection_argument_never_explores(monkeypatch):
+    """selection="static" (the suite's reproducible choice) overrides the environment's timed mode."""
+    monkeypatch.setenv("BNMEM_EXACT_AUTO", "timed")
+    m, shape, k = zoo_model("strided_avgpool_seq")
+    x, y = zoo_batch(shape, 4, k)
+    reps = [exact_report(m, ce, x, y, selection="static")[1] for _ in range(4)]
+    assert {r["path"] for r in reps} == {"chain"} and all(r["why"].startswith("static rule") for r in reps)
+    assert len({exact_report(m, ce, x, y)[1]["path"] for _ in range(4)}) > 1   # timed mode explores
+    with pytest.raises(ValueError, match="selection"):
+        exact_report(m, ce, x, y, selection="fastest")
+
+
 def test_loop_path_is_the_autograd_loop():
     m, shape, k = zoo_model("maxpool_cnn_module")
     m = m.double()
