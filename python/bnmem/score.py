@@ -139,10 +139,12 @@ def two_way_resamples(group: np.ndarray, n_models: int, n_boot: int, seed: int):
 
 
 def weighted_roc_metrics(scores: np.ndarray, keep: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-                         fprs=(0.01,), chunk: int = 125) -> dict:
+                         fprs=(0.01,), chunk: int | None = None) -> dict:
     """AUC and TPR at each FPR of scores [R, C] (members keep) under every resample b, the pairs
     (t, n) weighted by rows[b, t] * cols[b, n]: the metrics of the resampled score multiset,
-    computed from one sort (ties count 1/2, as roc_auc; TPR at FPR as tpr_at_fpr). -> {name: [B]}."""
+    computed from one sort (ties count 1/2, as roc_auc; TPR at FPR as tpr_at_fpr). -> {name: [B]}.
+    `chunk`: resamples per pass; None -> about 600k weights a pass (cache-sized: at M = 32, N = 1160,
+    16 resamples a pass took 1.2 s for 1,000 resamples, 125 a pass 3.2 s; same numbers)."""
     ok = np.isfinite(scores)
     r_i, c_i = np.nonzero(ok)
     s = torch.from_numpy(scores[ok].astype(np.float64))
@@ -157,6 +159,8 @@ def weighted_roc_metrics(scores: np.ndarray, keep: np.ndarray, rows: np.ndarray,
     wdt = torch.float32 if exact else torch.float64
     R, C = torch.from_numpy(rows).to(wdt), torch.from_numpy(cols).to(wdt)
     kw = k.to(wdt)
+    if chunk is None:
+        chunk = max(1, min(R.shape[0], 600_000 // max(1, len(s))))
     out = {"auc": []} | {f"tpr@{f:g}": [] for f in fprs}
     for b0 in range(0, R.shape[0], chunk):
         w = R[b0:b0 + chunk][:, r_i] * C[b0:b0 + chunk][:, c_i]  # [b, L]
