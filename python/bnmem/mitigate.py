@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import BnmemError
+from .score import two_way_resamples, weighted_roc_metrics
 
 GROUP_IN = 0
 DEFAULT_EPSILONS = (1.0, 4.0, 8.0)
@@ -269,50 +270,6 @@ def run_study(base, arms, out: str, *, executor: str = "local", ray_address: str
     return study
 
 
-# -- weighted ROC statistics for the bootstrap -------------------------------------------------
-def weighted_roc_stats(scores, is_member, weights, fprs=FPRS):
-    """AUC and TPR at each FPR in `fprs` of the pooled (score, membership) pairs, each pair counted
-    `weights[r, i]` times, for every row r of weights [R, L] at once (scores, is_member [L]).
-    With unit weights equal to bnmem_kernels.metrics.roc_auc / tpr_at_fpr (same ROC points: one per
-    distinct score; ties count 1/2; TPR at f = the largest TPR over points with FPR <= f).
-    -> (auc [R], {f: tpr [R]})"""
-    s = np.asarray(scores, np.float64)
-    k = np.asarray(is_member, bool)
-    w = np.atleast_2d(np.asarray(weights, np.float64))
-    order = np.argsort(-s, kind="stable")
-    s, k, w = s[order], k[order], w[:, order]
-    last = np.ones(len(s), bool)
-    last[:-1] = s[1:] != s[:-1]
-    tps = np.cumsum(w * k, axis=1)[:, last]
-    fps = np.cumsum(w * ~k, axis=1)[:, last]
-    zero = np.zeros((w.shape[0], 1))
-    tps, fps = np.concatenate([zero, tps], 1), np.concatenate([zero, fps], 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tpr, fpr = tps / tps[:, -1:], fps / fps[:, -1:]
-    auc = np.sum((fpr[:, 1:] - fpr[:, :-1]) * (tpr[:, 1:] + tpr[:, :-1]) / 2, axis=1)
-    out = {}
-    for f in fprs:
-        idx = (fpr <= f + 1e-12).sum(1) - 1
-        out[f] = np.take_along_axis(tpr, idx[:, None], 1)[:, 0]
-    return auc, out
-
-
-def two_way_resamples(M: int, group, n_boot: int, seed: int):
-    """-> (model counts [R, M], candidate counts [R, N]): resample target models, and candidates within
-    each group (stratified), with replacement; counts = how often each was drawn."""
-    from .data import GROUPS
-    rng = np.random.default_rng([seed, 20, 1])
-    N = len(group)
-    cm = np.stack([np.bincount(rng.integers(0, M, M), minlength=M) for _ in range(n_boot)]).astype(np.float64)
-    members = [np.flatnonzero(group == g) for g in range(len(GROUPS))]
-    cc = np.zeros((n_boot, N))
-    for r in range(n_boot):
-        for ix in members:
-            if len(ix):
-                cc[r] += np.bincount(rng.choice(ix, size=len(ix)), minlength=N)
-    return cm, cc
-
-
 def _ci(v) -> list:
     v = np.asarray(v, float)
     v = v[np.isfinite(v)]
@@ -355,7 +312,7 @@ def compare_arms(out, arms, *, n_boot: int = 1000, seed: int = 0, acc_tolerance:
     if any(r[0]["primary_attack"] != primary for r in inputs.values()):
         raise BnmemError("the arms' runs used different primary attacks; they must share the number of models")
     M, N = keep.shape
-    cm, cc = two_way_resamples(M, group, n_boot, seed)
+    cm, cc = two_way_resamples(group, M, n_boot, seed)   # score.py's: models x candidates within groups
     ood, ind = group != GROUP_IN, group == GROUP_IN
     per_arm, boots = {}, {}
     for a in arms:
@@ -371,24 +328,15 @@ def compare_arms(out, arms, *, n_boot: int = 1000, seed: int = 0, acc_tolerance:
             if s is None:
                 continue
             ok = np.isfinite(s)
-            flat_s, flat_k, flat_ok = s.ravel(), keep.ravel(), ok.ravel()
-            auc_pt, tpr_pt = weighted_roc_stats(flat_s[flat_ok], flat_k[flat_ok], np.ones((1, int(flat_ok.sum()))))
-            st["auc" + suffix] = float(auc_pt[0])
+            point = weighted_roc_metrics(s, keep, np.ones((1, M)), np.ones((1, N)), FPRS)
+            vals = weighted_roc_metrics(s, keep, cm, cc, FPRS)   # the same resamples for every arm: paired
+            st["auc" + suffix] = float(point["auc"][0])
+            b["auc" + suffix] = vals["auc"]
             for f in FPRS:
-                st[f"tpr@{f:g}" + suffix] = float(tpr_pt[f][0])
-            st["n_nonmembers" + suffix] = int((flat_ok & ~flat_k).sum())
-            st["nan_scores" + suffix] = int((~flat_ok).sum())
-            aucs, tprs = [], {f: [] for f in FPRS}
-            chunk = max(1, int(2e7 // (M * N)))  # resamples per pass: ~160 MB of fp64 weights
-            for lo in range(0, n_boot, chunk):
-                w = (cm[lo:lo + chunk, :, None] * cc[lo:lo + chunk, None, :]).reshape(-1, M * N)[:, flat_ok]
-                au, tp = weighted_roc_stats(flat_s[flat_ok], flat_k[flat_ok], w)
-                aucs.append(au)
-                for f in FPRS:
-                    tprs[f].append(tp[f])
-            b["auc" + suffix] = np.concatenate(aucs)
-            for f in FPRS:
-                b[f"tpr@{f:g}" + suffix] = np.concatenate(tprs[f])
+                st[f"tpr@{f:g}" + suffix] = float(point[f"tpr@{f:g}"][0])
+                b[f"tpr@{f:g}" + suffix] = vals[f"tpr@{f:g}"]
+            st["n_nonmembers" + suffix] = int((ok & ~keep).sum())
+            st["nan_scores" + suffix] = int((~ok).sum())
         mem = sc[f"{a.variant}/eval/mem"].astype(np.float64)
         st["mem_ood"] = float(mem[ood].mean())
         b["mem_ood"] = (cc[:, ood] @ mem[ood]) / cc[:, ood].sum(1)

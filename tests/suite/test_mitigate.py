@@ -251,31 +251,36 @@ def test_freeze_arm_uses_population_statistics(micro_root):
 
 
 # -- the bootstrap's ROC statistics -----------------------------------------------------------------
-def test_weighted_roc_stats_matches_kernels():
+def test_weighted_roc_metrics_matches_kernels():
+    """The study's bootstrap statistics (score.weighted_roc_metrics, shared by bnmem run and mitigate):
+    unit weights give bnmem_kernels.metrics' AUC / TPR (ties included); integer weights = repeated pairs."""
     from bnmem_kernels import metrics
+    from bnmem.score import weighted_roc_metrics
     rng = np.random.default_rng(0)
     s = np.round(rng.normal(size=400), 1)  # many ties
     k = rng.random(400) < 0.4 + 0.2 * (s > 0)
-    auc, tpr = mitigate.weighted_roc_stats(s, k, np.ones((1, 400)), fprs=(0.01, 0.1))
-    assert auc[0] == pytest.approx(metrics.roc_auc(torch.from_numpy(s), torch.from_numpy(k)), abs=1e-12)
+    v = weighted_roc_metrics(s[None], k[None], np.ones((1, 1)), np.ones((1, 400)), fprs=(0.01, 0.1))
+    assert v["auc"][0] == pytest.approx(metrics.roc_auc(torch.from_numpy(s), torch.from_numpy(k)), abs=1e-12)
     for f in (0.01, 0.1):
-        assert tpr[f][0] == pytest.approx(metrics.tpr_at_fpr(torch.from_numpy(s), torch.from_numpy(k), f), abs=1e-12)
+        assert v[f"tpr@{f:g}"][0] == pytest.approx(metrics.tpr_at_fpr(torch.from_numpy(s), torch.from_numpy(k), f),
+                                                 abs=1e-12)
     w = rng.integers(0, 4, size=(3, 400)).astype(float)  # integer weights = repeated pairs
-    auc, tpr = mitigate.weighted_roc_stats(s, k, w, fprs=(0.05,))
+    v = weighted_roc_metrics(s[None], k[None], np.ones((3, 1)), w, fprs=(0.05,))
     for r in range(3):
         rep = np.repeat(np.arange(400), w[r].astype(int))
         ss, kk = torch.from_numpy(s[rep]), torch.from_numpy(k[rep])
-        assert auc[r] == pytest.approx(metrics.roc_auc(ss, kk), abs=1e-12)
-        assert tpr[0.05][r] == pytest.approx(metrics.tpr_at_fpr(ss, kk, 0.05), abs=1e-12)
+        assert v["auc"][r] == pytest.approx(metrics.roc_auc(ss, kk), abs=1e-12)
+        assert v["tpr@0.05"][r] == pytest.approx(metrics.tpr_at_fpr(ss, kk, 0.05), abs=1e-12)
 
 
 def test_two_way_resamples_stratified():
+    from bnmem.score import two_way_resamples
     group = np.array([0] * 10 + [1] * 3 + [3] * 2)
-    cm, cc = mitigate.two_way_resamples(6, group, 50, seed=1)
+    cm, cc = two_way_resamples(group, 6, 50, seed=1)
     assert cm.shape == (50, 6) and (cm.sum(1) == 6).all()
     assert cc.shape == (50, 15) and (cc[:, :10].sum(1) == 10).all() and (cc[:, 10:13].sum(1) == 3).all()
     assert (cc[:, 13:].sum(1) == 2).all() and cm.std(0).max() > 0
-    cm2, cc2 = mitigate.two_way_resamples(6, group, 50, seed=1)
+    cm2, cc2 = two_way_resamples(group, 6, 50, seed=1)
     assert np.array_equal(cm, cm2) and np.array_equal(cc, cc2)
 
 
