@@ -11,6 +11,7 @@ from .ops.norm_affine_grad_sq import norm_affine_grad_sq
 from .ops.pooled_conv_weight_grad import pooled_conv_weight_grad
 from .norms.onepass import per_sample_grad_norms
 from .norms.probe import GradNormProbe
+from .influence import loo_influence
 from . import lira, metrics  # noqa: E402  (LiRA/RMIA scoring and ROC metrics; cheap to import)
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "conv_weight_grad_sq",
     "ghost_norm_linear",
     "lira",
+    "loo_influence",
     "metrics",
     "norm_affine_grad_sq",
     "per_sample_grad_norms",
