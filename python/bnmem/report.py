@@ -16,7 +16,7 @@ from .score import in_group
 from .runfolder import read_json, read_npz, save_figure, write_text
 
 FIGURES = ("roc.png", "gradnorm_trajectories.png", "memorization.png", "exact_gap.png")
-COLORS = {"bn": "tab:red", "bn-frozen": "tab:orange", "gn": "tab:blue", "ln": "tab:green", "none": "tab:gray"}
+COLORS = {"bn": "tab:red", "bn-frozen": "tab:orange", "bn-population": "tab:purple", "gn": "tab:blue", "ln": "tab:green", "none": "tab:gray"}
 
 
 def _fmt(x, nd=3):
@@ -266,6 +266,9 @@ def report_markdown(res, man) -> str:
                 cells.append(f"{mark} {r['diff']:+.3f}{_ci(r['ci'])}")
             A(f"| {name} | " + " | ".join(cells) + " |")
         A("")
+
+    from .mechanism_report import markdown as mechanism_sections   # issue 18: fit, influence, mechanism arms
+    L.extend(mechanism_sections(res))
 
     A("## Accuracy\n")
     A("| variant | train acc (last epoch, running, mean) | test acc (mean ± sd) |")
