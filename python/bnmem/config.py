@@ -194,7 +194,8 @@ class Config:
 
 QUICK = dict(n_in=200, n_test=200, canaries={k: 10 for k in CANARY_KINDS}, models=4, epochs=4,
              variants=["bn", "gn", "none"], exact_models=1, exact_points=2, probe_batch=16,
-             width=8, bootstrap=50, batch_size=32, fit_target=0.95, fit_max_epochs=8)
+             width=8, bootstrap=50, batch_size=32, fit_target=0.95, fit_max_epochs=6,
+             influence_points=3)
 
 
 def field_names():

@@ -51,6 +51,19 @@ def markdown(res) -> list:
               f"({_f(f['criterion_min'])}) | {met} | {_f(f['p_in'].get('in_dist'))} | {_f(f['p_in'].get('ood'))} | "
               f"{_f(f['test_acc'])} | {_f(f['train_test_gap'])} |")
         A("")
+        got = {v: f["criterion_mean"] for v, f in fits.items() if f}
+        spread = max(got.values()) - min(got.values())
+        short = [f"{v} ({f['models'] - f['met']} of {f['models']})" for v, f in fits.items()
+                 if f and f["met"] is not None and f["met"] < f["models"]]
+        if target > 0:
+            A(f"Fit reached: {min(got, key=got.get)} {min(got.values()):.3f} to {max(got, key=got.get)} "
+              f"{max(got.values()):.3f} (spread {spread:.3f}); "
+              + ("every model met the criterion." if not short else
+                 "models stopped at the epoch cap short of the criterion: " + ", ".join(short)
+                 + " — at this spread the fit is " + ("matched within 0.01." if spread <= 0.01 else
+                                                      "NOT matched: differences between these variants may still "
+                                                      "come from how far they fit; raise --fit-max-epochs."))
+              + "\n")
     infl = {v: res["variants"][v].get("influence") or {} for v in variants}
     rec = [v for v in variants if infl[v].get("recorded")]
     if rec:

@@ -391,7 +391,7 @@ def report_markdown(res, man) -> str:
                "Each ▲/▼ is a separate 95% interval with no multiple-comparison correction: among many comparisons "
                "a few can exclude 0 by chance; read the pattern, not any single cell."]
     tr = {v: float(np.mean(res["variants"][v]["train_acc"])) for v in variants}
-    for b in [v for v in ("bn", "bn-frozen") if v in tr]:
+    for b in [v for v in ("bn", "bn-frozen") if v in tr and not cfg.get("fit_target")]:   # matched fit: its section
         slower = [v for v in variants if not v.startswith("bn") and tr[b] - tr[v] > 0.01]
         if slower:
             caveats.append(f"{b} also fit its training set faster in the same {cfg['epochs']} epochs (last-epoch train accuracy "
