@@ -69,7 +69,8 @@ def markdown(res) -> list:
     if rec:
         i0 = infl[rec[0]]
         A("## Per-step influence on the actual training batches (leave-one-out)\n")
-        A(f"At {min(min(infl[v]['points_per_model']) for v in rec)}-{max(max(infl[v]['points_per_model']) for v in rec)}"
+        pts = [n for v in rec for n in infl[v]['points_per_model']]
+        A(f"At {min(pts)}-{max(pts)}"
           f" sampled steps per model, spread over its training, on the step's own batch (up to {i0['batch_size']} "
           "samples), before the step: infl_i = ||grad L(X) - grad L(X without i)|| (`bnmem_kernels.loo_influence`, "
           "BN statistics recomputed on each reduced batch) and the per-sample gradient norm ||g_i|| "

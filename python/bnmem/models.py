@@ -3,7 +3,8 @@
 norm: "bn" BatchNorm (batch statistics in training), "bn-frozen" the same module switched to running
 statistics after a warm-up (see train.py), "bn-population" the same module normalizing with the
 statistics of the model's whole training pool, recomputed at the start of every epoch
-(`set_population_stats`; the same reparametrization as BN, no per-batch coupling), "gn" GroupNorm(4 groups), "ln" layer norm — for the CNN
+(`set_population_stats`; the same reparametrization as BN, no per-batch coupling), "gn" GroupNorm(4 groups),
+"ln" layer norm — for the CNN
 GroupNorm(1, C) (normalizes over C, H, W per sample, per-channel affine like BN's), for the MLP
 nn.LayerNorm — and "none" (identity). Every other layer, and the initialization of every weight
 shared by the variants, is identical under the same seed (norm layers draw no random numbers).

@@ -18,7 +18,8 @@ naming the model (never a traceback at the score stage after all the work).
 Matched fit (fit.py, default on): a model stops at the end of the first epoch whose eval-mode
 accuracy on its in-distribution training candidates reaches `fit_target`, or continues past the
 schedule at a constant small learning rate up to `fit_max_epochs`; `fit_history` (the criterion
-per epoch) and `epochs_trained` are in the trace; epoch_norms has one row per epoch trained. Per-step influence (step_influence.py): at sampled steps, on the step's own
+per epoch) and `epochs_trained` are in the trace; epoch_norms has one row per epoch trained.
+Per-step influence (step_influence.py): at sampled steps, on the step's own
 batch before the step, loo_influence + exact norms of every sample (`infl_*` arrays of the trace).
 bn-population: BN normalizes with the pool statistics recomputed at every epoch start
 (models.set_population_stats) and once more after the last epoch (the statistics the eval-mode

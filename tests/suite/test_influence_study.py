@@ -170,3 +170,13 @@ def test_recorder_spreads_points_over_a_longer_run():
     assert len(set(np.diff(steps))) == 1        # evenly spaced
     short = step_influence.Recorder(planned_steps=120, points=10, batch_size=4)
     assert sum(short.due(st, 4) for st in range(80)) >= 10   # stopped after 2/3 of its schedule: still >= 10
+
+
+def test_bn_compared_with_its_mechanism_arms():
+    from bnmem.score import compare
+    st = {v: {"eval/mem/ood": (x, [x] * 5)} for v, x in
+          [("bn", 0.5), ("bn-frozen", 0.4), ("bn-population", 0.3), ("gn", 0.2)]}
+    out = compare(st, ["bn", "bn-frozen", "bn-population", "gn"])
+    assert {"bn - bn-frozen", "bn - bn-population", "bn - gn", "bn-frozen - bn-population",
+            "bn-frozen - gn"} == set(out)
+    assert out["bn - bn-frozen"]["eval/mem/ood"]["diff"] == pytest.approx(0.1)
