@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 PHASES = ("early", "middle", "late")
+TIMING_KEYS = ("kernel_seconds", "extra_seconds", "train_seconds")   # moved to results.json "timings" (score.py)
 
 
 def _phase(step, steps):

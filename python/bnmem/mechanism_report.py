@@ -88,9 +88,10 @@ def markdown(res) -> list:
               f"{_cell(p['all'], 'norm_ratio/ood')} | {_cell(p['all'], 'amp/in_dist', 3)} | "
               f"{_cell(p['all'], 'amp/ood', 3)} | {_cell(p['all'], 'amp_ratio/ood', 3)} |")
         A("")
-        kern = sum(infl[v]["kernel_seconds"] for v in rec)
-        extra = sum(infl[v]["extra_seconds"] for v in rec)
-        train = sum(infl[v]["train_seconds"] for v in rec)
+        tim = res.get("timings", {}).get("influence", {})
+        kern = sum(tim.get(v, {}).get("kernel_seconds", 0.0) for v in rec)
+        extra = sum(tim.get(v, {}).get("extra_seconds", 0.0) for v in rec)
+        train = sum(tim.get(v, {}).get("train_seconds", 0.0) for v in rec)
         if train > 0:
             A(f"Cost: bnmem_kernels (loo_influence + exact norms) {kern:.1f} s, the inner products <g_i, gbar> "
               f"(float64 double backward, step_influence.py) {extra:.1f} s, of {train:.1f} s of model training "

@@ -268,6 +268,7 @@ def _score_variant(root: str, cfg_dict: dict, v: str):
     if "eval" in vr["modes"]:
         vr["fit"] = fit.summary(traces, vr["modes"]["eval"]["memorization"], vr["test_acc"])
     vr["influence"], infl_stats = influence_stats.variant_stats(traces, group, cfg.bootstrap, cfg.seed)
+    vr["_influence_seconds"] = {k: vr["influence"].pop(k) for k in influence_stats.TIMING_KEYS if k in vr["influence"]}
     stats.update(infl_stats)
     return v, vr, stats, arrays
 
@@ -296,7 +297,8 @@ def run_stage(root: str, cfg: Config, log=print, pool=None) -> None:
         per_variant_stats[v] = stats
         arrays.update(arr)
     res["comparisons"] = compare(per_variant_stats, cfg.variants)
-    res["timings"] = dict(score_seconds=round(time.perf_counter() - t0, 1))
+    res["timings"] = dict(score_seconds=round(time.perf_counter() - t0, 1),   # wall times: not numbers of the study
+                          influence={v: res["variants"][v].pop("_influence_seconds") for v in cfg.variants})
     write_npz(os.path.join(root, "scores.npz"), **{k.replace("/", "__"): a for k, a in arrays.items()})
     write_json(os.path.join(root, "results.json"), res)
 
