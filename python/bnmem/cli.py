@@ -41,7 +41,7 @@ def build_parser():
     r.add_argument("--dataset", help="mnist (default, embedded) | digits | cifar10 | cifar100 "
                    "(cifar: needs --data-dir)")
     r.add_argument("--data-dir", dest="data_dir", help="folder of the CIFAR-10/100 python batches")
-    r.add_argument("--variants", type=_csv, help="comma list of bn,gn,ln,none,bn-frozen")
+    r.add_argument("--variants", type=_csv, help="comma list of bn,gn,ln,none,bn-frozen,bn-population")
     r.add_argument("--arch", help="cnn | mlp | resnet8 | resnet18")
     r.add_argument("--device", help="cpu (default) | cuda | auto; cuda trains with mixed precision")
     r.add_argument("--augment", action="store_const", const=True, help="training augmentation: crop (pad 4) + flip")
@@ -57,6 +57,12 @@ def build_parser():
     r.add_argument("--width", type=int)
     r.add_argument("--batch-size", dest="batch_size", type=int)
     r.add_argument("--lr", type=float)
+    r.add_argument("--fit-target", dest="fit_target", type=float, help="matched fit: train each model until "
+                   "eval-mode accuracy on its in-distribution training candidates >= this (default 0.99); "
+                   "0 = equal epochs")
+    r.add_argument("--fit-max-epochs", dest="fit_max_epochs", type=int, help="matched fit: epoch cap per model")
+    r.add_argument("--influence-points", dest="influence_points", type=int,
+                   help="sampled steps per model with leave-one-out influence + exact norms (0 = off)")
     r.add_argument("--attacks", type=_csv, help="auto or a comma list of lira_online, lira_online_global, "
                    "lira_offline, lira_offline_global, rmia")
     r.add_argument("--bootstrap", type=int, help="bootstrap resamples for confidence intervals")
@@ -76,7 +82,7 @@ def build_parser():
 
 OVERRIDE_KEYS = ("dataset", "data_dir", "variants", "arch", "models", "epochs", "n_in", "n_test", "canaries",
                  "image_size", "width", "batch_size", "lr", "attacks", "bootstrap", "seed", "workers", "progress",
-                 "device", "augment", "query_flips")
+                 "device", "augment", "query_flips", "fit_target", "fit_max_epochs", "influence_points")
 
 
 def _main(argv) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from .errors import BnmemError
 
 DATASETS = ("mnist", "digits", "cifar10", "cifar100")
-VARIANTS = ("bn", "gn", "ln", "none", "bn-frozen")
+VARIANTS = ("bn", "gn", "ln", "none", "bn-frozen", "bn-population")
 ARCHS = ("cnn", "mlp", "resnet8", "resnet18")  # resnet*: resnet.py (CIFAR-style)
 CANARY_KINDS = ("mislabeled", "other_domain", "noise", "near_ood")
 # attack name -> minimum number of shadow models it needs (leave-one-model-out leaves M-1 models,
@@ -32,7 +32,7 @@ NOT_HASHED = ("workers", "progress", "data_dir")
 MAX_LR = 10.0
 INT_FIELDS = ("image_size", "n_in", "n_test", "width", "models", "epochs", "batch_size", "probe_every",
               "frozen_warmup_epochs", "exact_models", "exact_points", "probe_batch", "shifts", "bootstrap", "seed",
-              "workers")
+              "workers", "influence_points", "fit_max_epochs")
 
 
 @dataclass
@@ -57,6 +57,12 @@ class Config:
     exact_models: int = 2                # models per variant that also log exact/column/detached/eval
     exact_points: int = 5                # ... at this many steps of training (log-spaced)
     probe_batch: int = 64                # ... on a fixed batch of this many of its training examples
+    influence_points: int = 10           # steps per model (spread over training, actual batches) with
+                                         # loo_influence + exact norms of every sample (step_influence.py); 0 = off
+    fit_target: float = 0.99             # matched fit (fit.py): train until eval-mode accuracy on the model's
+                                         # in-distribution IN candidates >= this; 0 = off (equal epochs)
+    fit_max_epochs: int = 30             # ... cap on the epochs per model (scheduled + extension)
+    fit_extend_lr: float = 0.1           # ... extension epochs after the schedule run at lr * this (constant)
     augment: bool = False                # training augmentation: random crop (pad 4) + flip (cifar.train_augment)
     query_flips: bool = False            # query augmentations: flip x shifts (cifar.query_augmentations), as LiRA
     device: str = "cpu"                  # cpu | cuda | auto; cuda: autocast bf16 (fp16 + GradScaler without bf16)
@@ -125,6 +131,11 @@ class Config:
             raise BnmemError(f"--image-size must be 0 (native) or >= 2, got {self.image_size}")
         if self.probe_every < 0:
             raise BnmemError("probe_every must be >= 0 (0 turns the per-step gradient-norm probe off)")
+        if self.influence_points < 0:
+            raise BnmemError("influence_points must be >= 0 (0 turns the per-step influence off)")
+        if self.fit_target > 0 and self.fit_max_epochs < self.epochs:
+            raise BnmemError(f"fit-max-epochs ({self.fit_max_epochs}) must be >= epochs ({self.epochs}) with matched "
+                             "fit on (or --fit-target 0)")
         if self.bootstrap < 0:
             raise BnmemError("bootstrap must be >= 0")
         if self.shifts < 0:
@@ -134,13 +145,17 @@ class Config:
     def _check_numbers(self) -> None:
         """Every number in range before any work: a bad value is a one-line error, not a traceback
         (or a silently replaced value) after the training."""
-        for name in ("lr", "momentum", "weight_decay"):
+        for name in ("lr", "momentum", "weight_decay", "fit_target", "fit_extend_lr"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise BnmemError(f"{name.replace('_', '-')} must be a finite number, got {v!r}")
         if not 0 < self.lr <= MAX_LR:
             raise BnmemError(f"--lr must be in (0, {MAX_LR:g}], got {self.lr:g} (SGD with a larger step diverges "
                              "on these models; the default is 0.05)")
+        if not 0 <= self.fit_target <= 1:
+            raise BnmemError(f"fit-target must be in [0, 1] (0 = off: equal epochs), got {self.fit_target:g}")
+        if not 0 < self.fit_extend_lr <= 1:
+            raise BnmemError(f"fit-extend-lr must be in (0, 1] (a fraction of --lr), got {self.fit_extend_lr:g}")
         if not 0 <= self.momentum < 1:
             raise BnmemError(f"momentum must be in [0, 1), got {self.momentum:g}")
         if not 0 <= self.weight_decay <= 1:
@@ -179,7 +194,8 @@ class Config:
 
 QUICK = dict(n_in=200, n_test=200, canaries={k: 10 for k in CANARY_KINDS}, models=4, epochs=4,
              variants=["bn", "gn", "none"], exact_models=1, exact_points=2, probe_batch=16,
-             width=8, bootstrap=1000, batch_size=32)
+             width=8, bootstrap=1000, batch_size=32, fit_target=0.95, fit_max_epochs=6,
+             influence_points=3)
 
 
 def field_names():
@@ -227,7 +243,7 @@ def build_config(*, quick=False, toml_path=None, overrides=None) -> Config:
             merged.update(v)
             v = merged
         expected = type(defaults[k]) if defaults[k] is not None else (str, type(None))
-        if k in ("lr", "momentum", "weight_decay") and isinstance(v, int):
+        if k in ("lr", "momentum", "weight_decay", "fit_target", "fit_extend_lr") and isinstance(v, int):
             v = float(v)
         if not isinstance(v, expected) or (expected is int and isinstance(v, bool)):
             raise BnmemError(f"config key {k!r} must be {getattr(expected, '__name__', 'a string')}, got {v!r}")

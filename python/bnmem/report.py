@@ -16,7 +16,7 @@ from .score import in_group
 from .runfolder import read_json, read_npz, save_figure, write_text
 
 FIGURES = ("roc.png", "gradnorm_trajectories.png", "memorization.png", "exact_gap.png")
-COLORS = {"bn": "tab:red", "bn-frozen": "tab:orange", "gn": "tab:blue", "ln": "tab:green", "none": "tab:gray"}
+COLORS = {"bn": "tab:red", "bn-frozen": "tab:orange", "bn-population": "tab:purple", "gn": "tab:blue", "ln": "tab:green", "none": "tab:gray"}
 
 
 def _fmt(x, nd=3):
@@ -279,6 +279,9 @@ def report_markdown(res, man) -> str:
             A(f"| {name} | " + " | ".join(cells) + " |")
         A("")
 
+    from .mechanism_report import markdown as mechanism_sections   # issue 18: fit, influence, mechanism arms
+    L.extend(mechanism_sections(res))
+
     A("## Accuracy\n")
     A("| variant | train acc (last epoch, running, mean) | test acc (mean ± sd) |")
     A("|---|---|---|")
@@ -411,7 +414,7 @@ def report_markdown(res, man) -> str:
                "Each ▲/▼ is a separate 95% interval with no multiple-comparison correction: among many comparisons "
                "a few can exclude 0 by chance; read the pattern, not any single cell."]
     tr = {v: float(np.mean(res["variants"][v]["train_acc"])) for v in variants}
-    for b in [v for v in ("bn", "bn-frozen") if v in tr]:
+    for b in [v for v in ("bn", "bn-frozen") if v in tr and not cfg.get("fit_target")]:   # matched fit: its section
         slower = [v for v in variants if not v.startswith("bn") and tr[b] - tr[v] > 0.01]
         if slower:
             caveats.append(f"{b} also fit its training set faster in the same {cfg['epochs']} epochs (last-epoch train accuracy "

@@ -350,11 +350,13 @@ def _score_variant(root: str, cfg_dict: dict, v: str):
             stats[f"{qmode}/mem/{g}"] = (point, vals)
         vr["modes"][qmode] = qr
     # (ii) gradient norms over training (step probe), per example and per group
-    en = np.stack([t["epoch_norms"] for t in traces])  # [M, E, N], NaN when OUT
+    E = max(t["epoch_norms"].shape[0] for t in traces)   # matched fit: models differ in epochs (NaN-padded)
+    en = np.stack([np.pad(t["epoch_norms"], ((0, E - t["epoch_norms"].shape[0]), (0, 0)), constant_values=np.nan)
+                   for t in traces])  # [M, E, N], NaN when OUT
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         per_ex = np.nanmean(en, axis=(0, 1))            # mean over models and epochs while IN
-        last = np.nanmean(en[:, -1], axis=0)             # final epoch
+        last = np.nanmean(np.stack([t["epoch_norms"][-1] for t in traces]), axis=0)   # each model's final epoch
         traj = {g: np.nanmean(en[:, :, gidx[g]], axis=(0, 2)).tolist() for g in groups}
         per_model = np.nanmean(en, axis=1)              # [M, N], NaN where never IN
     arrays[f"{v}/gradnorm_mean"] = per_ex.astype(np.float32)
@@ -408,6 +410,13 @@ def _score_variant(root: str, cfg_dict: dict, v: str):
                                sources=sorted({str(s) for t in sched for s in t["sched_sources"]}),
                                exact_norms_mean_by_point=np.mean([t["sched_norms"][:, 0].mean(1) for t in sched], 0).tolist())
     vr["gradnorms"] = gn
+    # matched fit (fit.py) and per-step influence (influence_stats.py): their own modules
+    from . import fit, influence_stats
+    if "eval" in vr["modes"]:
+        vr["fit"] = fit.summary(traces, vr["modes"]["eval"]["memorization"], vr["test_acc"])
+    vr["influence"], infl_stats = influence_stats.variant_stats(traces, group, cfg.bootstrap, cfg.seed)
+    vr["_influence_seconds"] = {k: vr["influence"].pop(k) for k in influence_stats.TIMING_KEYS if k in vr["influence"]}
+    stats.update(infl_stats)
     return v, vr, stats, arrays
 
 
@@ -436,7 +445,8 @@ def run_stage(root: str, cfg: Config, log=print, pool=None) -> None:
         arrays.update(arr)
     res["comparisons"] = compare(per_variant_stats, cfg.variants)
     res["null_control"] = null_control_summary(res)
-    res["timings"] = dict(score_seconds=round(time.perf_counter() - t0, 1))
+    res["timings"] = dict(score_seconds=round(time.perf_counter() - t0, 1),   # wall times: not numbers of the study
+                          influence={v: res["variants"][v].pop("_influence_seconds") for v in cfg.variants})
     write_npz(os.path.join(root, "scores.npz"), **{k.replace("/", "__"): a for k, a in arrays.items()})
     write_json(os.path.join(root, "results.json"), res)
 
@@ -481,7 +491,7 @@ def compare(stats: dict, variants) -> dict:
     larger gradient-norm ratio / more leakage)."""
     out = {}
     for a in [v for v in ("bn", "bn-frozen") if v in stats]:
-        for b in [v for v in variants if v not in ("bn", "bn-frozen")]:
+        for b in [v for v in variants if v not in ("bn", a)]:   # bn also vs its mechanism arms (bn-frozen, bn-population)
             rows = {}
             for key, (pa, va) in stats[a].items():
                 bkey = key

@@ -14,6 +14,16 @@ model, attempt, epoch, step, learning rate, reason) is kept in the trace (`diver
 `diverged_reason`) and summed up per variant in the manifest and the report, because how often a
 variant diverges is itself a result. If every attempt diverges, the stage stops with an error
 naming the model (never a traceback at the score stage after all the work).
+
+Matched fit (fit.py, default on): a model stops at the end of the first epoch whose eval-mode
+accuracy on its in-distribution training candidates reaches `fit_target`, or continues past the
+schedule at a constant small learning rate up to `fit_max_epochs`; `fit_history` (the criterion
+per epoch) and `epochs_trained` are in the trace; epoch_norms has one row per epoch trained.
+Per-step influence (step_influence.py): at sampled steps, on the step's own
+batch before the step, loo_influence + exact norms of every sample (`infl_*` arrays of the trace).
+bn-population: BN normalizes with the pool statistics recomputed at every epoch start
+(models.set_population_stats) and once more after the last epoch (the statistics the eval-mode
+queries use).
 """
 from __future__ import annotations
 
@@ -26,10 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import gradnorms
+from . import fit, gradnorms, step_influence
 from .config import Config, from_dict
 from .errors import BnmemError
-from .models import build_model, freeze_batchnorm, has_batchnorm
+from .models import build_model, freeze_batchnorm, has_batchnorm, set_population_stats
 from .runfolder import read_npz, save_state_dict, write_npz
 
 
@@ -144,13 +154,18 @@ def _train_attempt(root, cfg, d, variant, m, attempt, diverged, t0) -> dict:
     sched_norms = np.full((len(sched_steps), len(gradnorms.MODES), len(probe_idx)), np.nan, np.float32)
     sched_sources = []
 
-    epoch_norms = np.full((cfg.epochs, N), np.nan, np.float32)
-    loss_hist, acc_hist = np.zeros(cfg.epochs, np.float32), np.zeros(cfg.epochs, np.float32)
+    fit_on = cfg.fit_target > 0
+    max_epochs = cfg.fit_max_epochs if fit_on else cfg.epochs
+    fit_idx = train_idx[group[train_idx] == 0]          # the fit criterion's examples (fit.py)
+    infl = step_influence.Recorder(total, cfg.influence_points, cfg.batch_size)
+    epoch_norms = np.full((max_epochs, N), np.nan, np.float32)
+    loss_hist, acc_hist, fit_hist = [], [], []
     step = 0
     probe_mode = "column"
     stepper = None
     digests = []
-    for epoch in range(cfg.epochs):
+    population = variant == "bn-population"
+    for epoch in range(max_epochs):
         model.train()
         if variant in ("bn-frozen", "bn-frozen-pop") and epoch >= cfg.frozen_warmup_epochs:
             if variant == "bn-frozen-pop" and probe_mode != "eval":  # population statistics at the freeze
@@ -158,6 +173,13 @@ def _train_attempt(root, cfg, d, variant, m, attempt, diverged, t0) -> dict:
                 recompute_bn_statistics(model, x_all[train_idx], cfg.batch_size, dev)
             freeze_batchnorm(model)
             probe_mode = "eval"
+        if population:   # pool statistics of this epoch, BN layers in eval mode (models.set_population_stats)
+            set_population_stats(model, x_all[train_idx].to(dev))
+            probe_mode = "eval"
+        extending = epoch >= cfg.epochs
+        if extending:    # fit.py: constant learning rate after the schedule
+            for pg in opt.param_groups:
+                pg["lr"] = cfg.lr * cfg.fit_extend_lr
         if stepper is None or stepper.mode != probe_mode:
             stepper = gradnorms.StepProbe(model, probe_mode)
         order = rng.permutation(train_idx)
@@ -171,6 +193,8 @@ def _train_attempt(root, cfg, d, variant, m, attempt, diverged, t0) -> dict:
             if aug_gen is not None:
                 xb = train_augment(xb, aug_gen)
             xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+            if infl.due(step, len(idx)):   # this step's batch, before the step (the model is left as it is)
+                infl.record(step, epoch, idx, model, xb, yb)
             opt.zero_grad(set_to_none=True)
             probing = cfg.probe_every > 0 and step % cfg.probe_every == 0
             with stepper.step(xb, yb) if probing else contextlib.nullcontext():
@@ -180,12 +204,13 @@ def _train_attempt(root, cfg, d, variant, m, attempt, diverged, t0) -> dict:
                 scaler.scale(losses.mean()).backward()
             loss_sum = losses.sum().item()
             if not math.isfinite(loss_sum):   # before the probe's norms and the step use it
-                raise Diverged(epoch, step, lr_sched.get_last_lr()[0], "non-finite training loss")
+                raise Diverged(epoch, step, opt.param_groups[0]["lr"], "non-finite training loss")
             if probing:
                 epoch_norms[epoch, idx] = (stepper.norms.float() / scaler.get_scale()).cpu().numpy()  # fp16: unscale
             scaler.step(opt)
             scaler.update()
-            lr_sched.step()
+            if not extending:
+                lr_sched.step()
             step += 1
             tot_loss += loss_sum
             tot_correct += (out.argmax(1) == yb).sum().item()
@@ -196,17 +221,26 @@ def _train_attempt(root, cfg, d, variant, m, attempt, diverged, t0) -> dict:
                     nrm, src = gradnorms.per_sample_grad_norms(model, xp, yp, mode)
                     sched_norms[k, j] = nrm.float().cpu().numpy()
                     sched_sources.append(f"{mode}:{src}")
-        loss_hist[epoch] = tot_loss / len(train_idx)
-        acc_hist[epoch] = tot_correct / len(train_idx)
+        loss_hist.append(tot_loss / len(train_idx))
+        acc_hist.append(tot_correct / len(train_idx))
         bad = _nonfinite_param(model)
         if bad is not None:
-            raise Diverged(epoch, step, lr_sched.get_last_lr()[0], f"non-finite weights ({bad})")
+            raise Diverged(epoch, step, opt.param_groups[0]["lr"], f"non-finite weights ({bad})")
+        if population and (epoch + 1 == max_epochs or fit_on):   # the statistics the trained weights see
+            set_population_stats(model, x_all[train_idx].to(dev))
+        fit_hist.append(fit.eval_accuracy(model, x_all[fit_idx], y_all[fit_idx], dev))
+        if variant == "bn-frozen" and epoch >= cfg.frozen_warmup_epochs:
+            freeze_batchnorm(model)
+        if fit.stop(cfg, epoch, fit_hist[-1]):
+            break
 
     model.eval()
     with torch.no_grad():
         test_acc = (model(torch.from_numpy(d["x_test"]).to(dev)).argmax(1).cpu().numpy() == d["y_test"]).mean()
     pt, npz = model_paths(root, variant, m)
-    write_npz(npz, epoch_norms=epoch_norms, train_loss=loss_hist, train_acc=acc_hist,
+    write_npz(npz, epoch_norms=epoch_norms[:len(fit_hist)], train_loss=np.array(loss_hist, np.float32),
+              train_acc=np.array(acc_hist, np.float32), fit_history=np.array(fit_hist, np.float64),
+              epochs_trained=np.int64(len(fit_hist)), fit_target=np.float64(cfg.fit_target), **infl.arrays(),
               test_acc=np.float32(test_acc), sched_steps=np.array(sched_steps, np.int64),
               probe_idx=probe_idx, sched_norms=sched_norms,
               sched_sources=np.array(sorted(set(sched_sources)), dtype="U64"),
@@ -218,6 +252,7 @@ def _train_attempt(root, cfg, d, variant, m, attempt, diverged, t0) -> dict:
               seconds=np.float64(time.perf_counter() - t0))
     save_state_dict(pt, {k: v.cpu() for k, v in model.state_dict().items()})
     return dict(variant=variant, m=m, test_acc=float(test_acc), train_acc=float(acc_hist[-1]),
+                epochs=len(fit_hist), fit=float(fit_hist[-1]),
                 seconds=time.perf_counter() - t0, diverged=[list(x) for x in diverged])
 
 

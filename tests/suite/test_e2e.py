@@ -47,7 +47,10 @@ def test_quick_outputs_present_and_sane(quick_run):
                 assert -1 <= mm["mean"] <= 1 and mm["ci"][0] <= mm["ci"][1]
         gn = r["gradnorms"]
         for g, traj in gn["trajectory"].items():
-            assert len(traj) == res["config"]["epochs"] and all(t > 0 and math.isfinite(t) for t in traj)
+            # matched fit: the longest-trained model's epochs (equal epochs: the config's)
+            assert len(traj) == r["fit"]["epochs_max"] and all(t > 0 and math.isfinite(t) for t in traj)
+        assert res["config"]["fit_target"] == 0 or r["fit"]["epochs_max"] <= res["config"]["fit_max_epochs"]
+        assert r["influence"]["recorded"] and r["influence"]["phases"]["all"]["ratio/ood"]["value"] > 0
         assert all(x["ratio"] > 0 for x in gn["ratio_vs_in_dist"].values())
         gaps = gn["exact_gap"]["vs_exact"]
         if not v.startswith("bn"):  # without BN the four definitions coincide
@@ -62,7 +65,8 @@ def test_quick_outputs_present_and_sane(quick_run):
     assert sc[f"bn__eval__{res['primary_attack']}"].shape == (res["config"]["models"], n)
     md = (out / "report.md").read_text()
     for section in ("## Accuracy", "## (iii) Membership inference", "## (i) Memorization", "## (ii) Per-sample gradient",
-                    "## Did BatchNorm amplify"):
+                    "## Did BatchNorm amplify", "## Fit: matched-fit protocol", "## Per-step influence",
+                    "## Is it the coupling?"):
         assert section in md
     assert "bn vs gn" in md and "nan" not in md.lower().replace("nan_", "")
 
