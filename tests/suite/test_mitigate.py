@@ -122,7 +122,7 @@ def test_ghost_bn_step_probe_and_reference_exact(ghost_model):
 
 # -- arms ----------------------------------------------------------------------------------------
 def test_default_arms_and_grouping():
-    base = build_config(quick=True, overrides={"epochs": 8})  # batch 32, n = (200 + 40) / 2 = 120 per model
+    base = mitigate.base_config(quick=True, overrides={"epochs": 8})  # batch 32, n = (200 + 40) / 2 = 120 per model
     arms = mitigate.default_arms(base)
     names = [a.name for a in arms]
     assert names == ["bn", "gn", "ln", "bn-batch128", "bn-freeze-2", "bn-evaltail-2",
@@ -177,7 +177,9 @@ def test_batch_order_identical_across_arms(micro_root, monkeypatch):
         return model
     monkeypatch.setattr(train, "build_model", spy_build)
     current = [None]
-    base = {**cfg.hashed_dict(), "data_dir": None, "exact_models": 0}
+    # as the mitigation arms train (mitigate._ARMS_AS_TRAINED): no per-step influence, whose extra
+    # forwards the hook would record too
+    base = {**cfg.hashed_dict(), "data_dir": None, "exact_models": 0, "influence_points": 0}
     runs = {"bn": ("bn", base), "gn": ("gn", base), "ln": ("ln", base),
             "freeze": ("bn-frozen-pop", {**base, "frozen_warmup_epochs": 1}),
             "bn-exact": ("bn", {**base, "exact_models": 1})}
