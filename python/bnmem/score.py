@@ -356,7 +356,8 @@ def _score_variant(root: str, cfg_dict: dict, v: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         per_ex = np.nanmean(en, axis=(0, 1))            # mean over models and epochs while IN
-        last = np.nanmean(np.stack([t["epoch_norms"][-1] for t in traces]), axis=0)   # each model's final epoch
+        last_pm = np.stack([t["epoch_norms"][-1] for t in traces])   # [M, N]: each model's own final epoch
+        last = np.nanmean(last_pm, axis=0)
         traj = {g: np.nanmean(en[:, :, gidx[g]], axis=(0, 2)).tolist() for g in groups}
         per_model = np.nanmean(en, axis=1)              # [M, N], NaN where never IN
     arrays[f"{v}/gradnorm_mean"] = per_ex.astype(np.float32)
@@ -367,7 +368,7 @@ def _score_variant(root: str, cfg_dict: dict, v: str):
         gn["per_group"][g] = dict(mean=float(np.nanmean(per_ex[ix])), last_epoch=float(np.nanmean(last[ix])))
     boot_arr = {}
     if boots is not None:  # per-candidate means under each resample of the models, [B, N]
-        for key, src in (("ratio_vs_in_dist", per_model), ("ratio_last_epoch_vs_in_dist", en[:, -1])):
+        for key, src in (("ratio_vs_in_dist", per_model), ("ratio_last_epoch_vs_in_dist", last_pm)):
             okm = np.isfinite(src)
             with np.errstate(invalid="ignore", divide="ignore"):
                 boot_arr[key] = (boots[0] @ np.where(okm, src, 0.0)) / (boots[0] @ okm.astype(float))
